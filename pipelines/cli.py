@@ -1,0 +1,114 @@
+"""The `mmpipe` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from pipelines.config import BuildConfig, ConfigError, load_config, state_dir
+
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError,)
+
+
+def _prepare_environment() -> None:
+    """Settings Prefect reads at import: keep its files in the state dir, no telemetry."""
+    os.environ.setdefault("PREFECT_HOME", str(state_dir() / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    config = load_config(BuildConfig, args.config, args.overrides)
+    from pipelines.flows import run_build
+
+    summary = run_build(config)
+    from pipelines.console import print_crawl_summary
+
+    print_crawl_summary(config, summary)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipelines.demo import run_demo
+
+    return run_demo(args.config, args.overrides, n=args.n, seed=args.seed)
+
+
+def cmd_sampleweb_serve(args: argparse.Namespace) -> int:
+    from dataprep.sampleweb.server import serve_forever
+
+    out = Path(args.out) if args.out else state_dir() / "sampleweb"
+    serve_forever(args.n, args.seed, out, args.host, args.port, ready_file=args.ready_file)
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    config = load_config(BuildConfig, args.config, args.overrides)
+    print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmpipe",
+        description="From image URLs to trained CLIP and DALL-E models.",
+        epilog="Overrides are dotted key=value pairs, e.g. crawl.threads=32 store.url=s3://b/p",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser, required: bool = True) -> None:
+        p.add_argument("--config", required=required, help="YAML config file")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+
+    build = sub.add_parser("build", help="build a dataset (Prefect flow build-dataset)")
+    with_config(build)
+    build.set_defaults(func=cmd_build)
+
+    demo = sub.add_parser("demo", help="serve the sample web and build a dataset from it")
+    demo.add_argument("--config", default="configs/demo.yaml", help="YAML config file")
+    demo.add_argument("--n", type=int, default=2000, help="sample web size")
+    demo.add_argument("--seed", type=int, default=0, help="sample web seed")
+    demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    demo.set_defaults(func=cmd_demo)
+
+    web = sub.add_parser("sampleweb", help="the synthetic sample web (test corpus)")
+    web_sub = web.add_subparsers(dest="sampleweb_command", required=True, metavar="COMMAND")
+    serve = web_sub.add_parser("serve", help="write the URL list and serve until stopped")
+    serve.add_argument("--n", type=int, default=2000, help="number of samples")
+    serve.add_argument("--seed", type=int, default=0, help="corpus seed")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (loopback)")
+    serve.add_argument("--port", type=int, default=8765, help="port (0: any free port)")
+    serve.add_argument("--out", help="folder for urls.parquet (default: STATE/sampleweb)")
+    serve.add_argument("--ready-file", help="write a JSON file here once serving")
+    serve.set_defaults(func=cmd_sampleweb_serve)
+
+    config = sub.add_parser("config", help="inspect configs")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
+    show = config_sub.add_parser("show", help="print a config with defaults and overrides")
+    with_config(show)
+    show.set_defaults(func=cmd_config_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _prepare_environment()
+    args = build_parser().parse_args(argv)
+    from dataprep.crawl import CrawlError
+    from dataprep.store import StoreError
+    from dataprep.url_list import UrlListError
+
+    try:
+        return args.func(args)
+    except (*USER_ERRORS, CrawlError, StoreError, UrlListError) as err:
+        print(f"mmpipe: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mmpipe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Typed pipeline configs, loaded from YAML and overridden from the command line.
+
+A config file holds only what differs from the defaults. Overrides are dotted `key=value` pairs
+(`crawl.threads=32 store.url=s3://bucket/mmpipe`), values parsed as YAML. Every error names the
+field and the bad value.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dataprep.crawl import CrawlConfig
+from dataprep.store import ObjectStore, S3Settings, open_store
+
+DEFAULT_STATE_DIR = "state"
+
+
+def state_dir() -> Path:
+    """Where the embedded stack keeps its files: `$MMPIPE_STATE_DIR`, else ./state."""
+    return Path(os.environ.get("MMPIPE_STATE_DIR", DEFAULT_STATE_DIR)).absolute()
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file, field and value."""
+
+
+class StoreConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = None  # file:///path, s3://bucket/prefix; None: a folder in the state dir
+    s3: S3Settings = S3Settings()
+
+    def open(self) -> ObjectStore:
+        return open_store(self.url or f"file://{state_dir() / 'store'}", self.s3)
+
+
+class BuildConfig(BaseModel):
+    """The `build-dataset` pipeline: URL list -> crawl (more stages to come)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")  # dataset name, used in keys
+    urls: str  # URL list: parquet, csv, tsv, jsonl or txt with `url` (+ `caption`) columns
+    store: StoreConfig = StoreConfig()
+    crawl: CrawlConfig = CrawlConfig()
+    task_retries: int = Field(2, ge=0)
+    task_retry_delay_s: float = Field(5.0, ge=0)
+    concurrent_tasks: int = Field(1, ge=1)  # crawl tasks at once; each runs crawl.processes
+
+    def staging_prefix(self) -> str:
+        return f"staging/{self.name}/crawl"
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def load_config(cls: type[C], path: str | Path | None, overrides: list[str] = ()) -> C:
+    """Read YAML (if given), apply dotted overrides, validate into `cls`."""
+    source = str(path) if path else "command line"
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    for item in overrides:
+        apply_override(data, item)
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    *parents, leaf = key.strip().split(".")
+    node = data
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "missing":
+            lines.append(f"  {field}: required field is missing")
+        elif e["type"] == "extra_forbidden":
+            lines.append(f"  {field}: unknown field (value {e['input']!r})")
+        else:
+            lines.append(f"  {field} = {e['input']!r}: {e['msg']}")
+    return "\n".join(lines)
