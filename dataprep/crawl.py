@@ -345,11 +345,14 @@ class GuardedResizer(Resizer):
         return super().__call__(img_stream, blurring_bbox_list)
 
     def precheck(self, data: bytes) -> str | None:
+        truncated = _truncation(data)
+        if truncated is not None:
+            return truncated
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 with Image.open(io.BytesIO(data)) as img:
-                    (width, height), fmt = img.size, img.format
+                    width, height = img.size
         except Image.DecompressionBombError as err:
             return f"[decompression_bomb] {err}"
         except Exception:  # not something PIL reads: let img2dataset's decoder judge it
@@ -358,8 +361,15 @@ class GuardedResizer(Resizer):
             ratio = width * height / max(len(data), 1)
             label = "[decompression_bomb]" if ratio > 100 else "image area too large:"
             return f"{label} {width}x{height} pixels from {len(data)} bytes, over max_image_area"
-        if fmt == "JPEG" and b"\xff\xd9" not in data[-256:]:
-            return "[truncated] JPEG data ends before its end-of-image marker"
-        if fmt == "PNG" and b"IEND" not in data[-64:]:
-            return "[truncated] PNG data ends before its IEND chunk"
         return None
+
+
+def _truncation(data: bytes) -> str | None:
+    """Files cut short: OpenCV would decode what is there and grey-fill the rest."""
+    # 0xFFD9 cannot occur inside JPEG scan data (0xFF is byte-stuffed), so its absence near the
+    # end means the file stops early; a little trailing padding after it is common and fine.
+    if data.startswith(b"\xff\xd8\xff") and b"\xff\xd9" not in data[-256:]:
+        return "[truncated] JPEG data ends before its end-of-image marker"
+    if data.startswith(b"\x89PNG\r\n\x1a\n") and b"IEND" not in data[-64:]:
+        return "[truncated] PNG data ends before its IEND chunk"
+    return None
