@@ -55,6 +55,26 @@ def read_url_list(uri: str, url_col: str = "url", caption_col: str | None = "cap
     return pa.table({"url": urls, "caption": captions})
 
 
+def check_url_list(uri: str, url_col: str = "url", caption_col: str | None = "caption") -> None:
+    """Fail fast, before any flow starts, on a URL list that is missing or lacks its columns."""
+    path = _local_path(uri)
+    if not path.is_file():
+        raise UrlListError(f"URL list {uri} does not exist")
+    if detect_format(path) == "parquet":
+        try:
+            names = pq.read_schema(path).names
+        except (pa.ArrowInvalid, OSError) as err:
+            raise UrlListError(f"cannot read URL list {uri} as parquet: {err}") from None
+        missing = [c for c in (url_col, caption_col) if c is not None and c not in names]
+        if missing:
+            raise UrlListError(
+                f"URL list {uri} has no column {missing[0]!r} (columns: {names}); "
+                "set crawl.url_col / crawl.caption_col"
+            )
+    else:
+        read_url_list(uri, url_col, caption_col)
+
+
 def _read(path: Path, fmt: str, url_col: str) -> pa.Table:
     try:
         if fmt == "parquet":

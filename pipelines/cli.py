@@ -20,7 +20,10 @@ def _prepare_environment() -> None:
 
 def cmd_build(args: argparse.Namespace) -> int:
     config = load_config(BuildConfig, args.config, args.overrides)
+    from dataprep.url_list import check_url_list
     from pipelines.flows import run_build
+
+    check_url_list(config.urls, config.crawl.url_col, config.crawl.caption_col)
 
     summary = run_build(config)
     from pipelines.console import print_crawl_summary
@@ -39,7 +42,10 @@ def cmd_sampleweb_serve(args: argparse.Namespace) -> int:
     from dataprep.sampleweb.server import serve_forever
 
     out = Path(args.out) if args.out else state_dir() / "sampleweb"
-    serve_forever(args.n, args.seed, out, args.host, args.port, ready_file=args.ready_file)
+    faults = {} if args.clean else None  # None: the default fault mix
+    serve_forever(
+        args.n, args.seed, out, args.host, args.port, ready_file=args.ready_file, fault_rates=faults
+    )
     return 0
 
 
@@ -83,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8765, help="port (0: any free port)")
     serve.add_argument("--out", help="folder for urls.parquet (default: STATE/sampleweb)")
     serve.add_argument("--ready-file", help="write a JSON file here once serving")
+    serve.add_argument("--clean", action="store_true", help="no injected faults (benchmarks)")
     serve.set_defaults(func=cmd_sampleweb_serve)
 
     config = sub.add_parser("config", help="inspect configs")

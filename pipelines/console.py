@@ -19,4 +19,6 @@ def print_crawl_summary(config: BuildConfig, summary: CrawlSummary) -> None:
     for row in reason_rows(summary):
         table.add_row(row["outcome"], row["reason"], str(row["count"]), row["share"])
     console.print(table)
-    console.print(f"shards: {summary.shards} WebDataset shards at [bold]{location}[/bold]")
+    console.print(
+        f"shards: {summary.shards} WebDataset shards at [bold]{location}[/bold]", soft_wrap=True
+    )

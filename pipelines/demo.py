@@ -51,6 +51,10 @@ def run_demo(config_path: str, overrides: list[str], n: int, seed: int) -> int:
         print(f"sample web: {web['n']} samples at {web['base_url']}")
         serving = [f"urls={web['urls']}", f"crawl.policy.allow=['127.0.0.1:{web['port']}']"]
         config = load_config(BuildConfig, config_path, [*overrides, *serving])
+        # The server's port, and so every URL, is new each run: start the demo build afresh.
+        removed = config.store.open().delete_prefix(f"staging/{config.name}/")
+        if removed:
+            print(f"removed the previous demo build ({removed} objects)")
         summary = run_build(config)
     print_crawl_summary(config, summary)
     print(f"demo finished in {time.monotonic() - started:.0f} s")

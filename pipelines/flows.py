@@ -22,7 +22,14 @@ def plan_crawl(config: BuildConfig) -> CrawlPlan:
     return prepare_crawl(config.urls, config.store.open(), config.staging_prefix(), config.crawl)
 
 
-@task(name="crawl-shards", task_run_name="crawl shards {shards[0]}-{shards[-1]}")
+def _group_name() -> str:
+    from prefect.runtime import task_run
+
+    shards = task_run.parameters["shards"]
+    return f"crawl shards {shards[0]:05d}-{shards[-1]:05d}"
+
+
+@task(name="crawl-shards", task_run_name=_group_name)
 def crawl_group(config: BuildConfig, plan: CrawlPlan, shards: list[int]) -> list[ShardStats]:
     logger = get_run_logger()
     work = state_dir() / "work" / config.name

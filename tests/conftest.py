@@ -149,3 +149,27 @@ def local_store(tmp_path: Path) -> LocalStore:
 def store(request: pytest.FixtureRequest) -> ObjectStore:
     """Each backend in turn, so one test case runs against both."""
     return request.getfixturevalue({"file": "local_store", "s3": "s3_store"}[request.param])
+
+
+# --------------------------------------------------------------------------- sample web
+
+
+@dataclass
+class SampleWeb:
+    specs: list
+    server: Any  # dataprep.sampleweb.SampleWebServer
+    urls: str  # the URL list (parquet: url, caption)
+
+    def allow(self) -> list[str]:
+        return [f"127.0.0.1:{self.server.port}"]
+
+
+@pytest.fixture(scope="session")
+def sample_web(tmp_path_factory) -> Iterator[SampleWeb]:
+    """240 samples (every fault kind at least 4 times), served on loopback for the session."""
+    from dataprep.sampleweb import SampleWebServer, generate_corpus, write_url_list
+
+    specs = generate_corpus(240, seed=3)
+    with SampleWebServer(specs, drip_max_s=30) as server:
+        urls = write_url_list(specs, server, tmp_path_factory.mktemp("web") / "urls.parquet")
+        yield SampleWeb(specs, server, str(urls))

@@ -14,7 +14,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from dataprep.crawl import CrawlConfig, CrawlError, crawl_shards, prepare_crawl, summarize
-from dataprep.sampleweb import SampleWebServer, generate_corpus, write_url_list
 from dataprep.store import open_store
 from dataprep.url_policy import UrlPolicy
 
@@ -44,11 +43,8 @@ EXPECTED_REASON = {
 
 
 @pytest.fixture(scope="module")
-def web(tmp_path_factory):
-    specs = generate_corpus(240, seed=3)
-    with SampleWebServer(specs, drip_max_s=30) as server:
-        urls = write_url_list(specs, server, tmp_path_factory.mktemp("web") / "urls.parquet")
-        yield specs, server, str(urls)
+def web(sample_web):
+    return sample_web.specs, sample_web.server, sample_web.urls
 
 
 def crawl_config(server, **overrides) -> CrawlConfig:

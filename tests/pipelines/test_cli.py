@@ -1,0 +1,62 @@
+"""The `mmpipe` command as a user runs it: a real process, its exit code and its output."""
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+
+
+def mmpipe(*args, env=None, timeout=120):
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def test_help_lists_the_user_jobs():
+    result = mmpipe("--help")
+    assert result.returncode == 0
+    for command in ("build", "demo", "sampleweb", "config"):
+        assert command in result.stdout
+
+
+def test_config_show_applies_overrides():
+    result = mmpipe("config", "show", "--config", "configs/demo.yaml", "crawl.threads=7")
+    assert result.returncode == 0, result.stderr
+    assert "threads: 7" in result.stdout
+
+
+def test_config_errors_are_one_clear_message_without_traceback():
+    result = mmpipe("build", "--config", "configs/demo.yaml", "crawl.threads=many")
+    assert result.returncode == 2
+    assert "crawl.threads = 'many'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_url_list_is_a_clear_error(tmp_path):
+    env = {"MMPIPE_STATE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    result = mmpipe(
+        "build", "--config", "configs/demo.yaml", f"urls={tmp_path}/none.parquet", env=env
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"mmpipe: error: URL list {tmp_path}/none.parquet does not exist"
+    )
+
+
+@pytest.mark.slow
+def test_demo_serves_crawls_reports_and_stops_the_server(tmp_path):
+    env = {"MMPIPE_STATE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    result = mmpipe("demo", "--n", "120", "--seed", "1", env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "crawl of demo: 120 URLs" in result.stdout
+    assert f"file://{tmp_path}/store/staging/demo/crawl" in result.stdout
+    assert "url_policy" in result.stdout and "deadline_exceeded" in result.stdout
+    port = json.loads((tmp_path / "sampleweb" / "ready.json").read_text())["port"]
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1)
