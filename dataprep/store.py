@@ -162,6 +162,10 @@ class ObjectStore(abc.ABC):
     def delete_prefix(self, prefix: str) -> int:
         """Remove every key ``list(prefix)`` returns; return how many."""
 
+    @abc.abstractmethod
+    def arrow_filesystem(self, prefix: str = "") -> tuple[Any, str]:
+        """(pyarrow FileSystem, path) of ``prefix``: for libraries that take one (Ray Train)."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.root_uri!r})"
 
@@ -292,6 +296,12 @@ class LocalStore(ObjectStore):
         for key in keys:
             self.delete(key)
         return len(keys)
+
+    def arrow_filesystem(self, prefix: str = "") -> tuple[Any, str]:
+        import pyarrow.fs
+
+        path = self.root / _check_prefix(prefix) if prefix else self.root
+        return pyarrow.fs.LocalFileSystem(), str(path)
 
 
 # --------------------------------------------------------------------------- S3
@@ -504,6 +514,25 @@ class S3Store(ObjectStore):
                 )
         return len(keys)
 
+    def arrow_filesystem(self, prefix: str = "") -> tuple[Any, str]:
+        import pyarrow.fs
+
+        s = self.settings
+        endpoint = self._custom_endpoint()
+        scheme, _, host = (endpoint or "").partition("://")
+        secret = s.secret_access_key.get_secret_value() if s.secret_access_key else None
+        fs = pyarrow.fs.S3FileSystem(
+            access_key=s.access_key_id,
+            secret_key=secret,
+            region=s.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
+            endpoint_override=host or None,
+            scheme=scheme or "https",
+            connect_timeout=s.connect_timeout_s,
+            request_timeout=s.read_timeout_s,
+        )
+        parts = [self.bucket, self.prefix, _check_prefix(prefix) if prefix else ""]
+        return fs, "/".join(p for p in parts if p)
+
 
 # --------------------------------------------------------------------------- factory
 
@@ -540,3 +569,17 @@ def open_store(uri: str, s3: S3Settings | None = None) -> ObjectStore:
                 raise ValueError(f"S3 store URI {uri!r}: invalid prefix ({e})") from None
         return S3Store(bucket, prefix, s3)
     raise ValueError(f"unsupported store URI scheme {scheme!r} in {uri!r}; use file:// or s3://")
+
+
+class StoreConfig(pydantic.BaseModel):
+    """Where a pipeline keeps its objects: `url` unset means a folder in the state dir."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    url: str | None = None  # file:///path or s3://bucket/prefix
+    s3: S3Settings = S3Settings()
+
+    def open(self) -> ObjectStore:
+        from dataprep.state import state_dir
+
+        return open_store(self.url or f"file://{state_dir() / 'store'}", self.s3)

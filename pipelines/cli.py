@@ -7,7 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from pipelines.config import BuildConfig, ConfigError, load_config, state_dir
+from dataprep.state import state_dir
+from pipelines.config import BuildConfig, ConfigError, load_config
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError,)
 

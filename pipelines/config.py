@@ -7,7 +7,6 @@ field and the bad value.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -15,28 +14,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dataprep.crawl import CrawlConfig
-from dataprep.store import ObjectStore, S3Settings, open_store
-
-DEFAULT_STATE_DIR = "state"
-
-
-def state_dir() -> Path:
-    """Where the embedded stack keeps its files: `$MMPIPE_STATE_DIR`, else ./state."""
-    return Path(os.environ.get("MMPIPE_STATE_DIR", DEFAULT_STATE_DIR)).absolute()
+from dataprep.store import StoreConfig
 
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the file, field and value."""
-
-
-class StoreConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    url: str | None = None  # file:///path, s3://bucket/prefix; None: a folder in the state dir
-    s3: S3Settings = S3Settings()
-
-    def open(self) -> ObjectStore:
-        return open_store(self.url or f"file://{state_dir() / 'store'}", self.s3)
 
 
 class BuildConfig(BaseModel):

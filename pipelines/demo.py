@@ -9,7 +9,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipelines.config import BuildConfig, load_config, state_dir
+from dataprep.state import state_dir
+from pipelines.config import BuildConfig, load_config
 
 READY_TIMEOUT_S = 120.0
 

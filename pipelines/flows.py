@@ -13,7 +13,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from dataprep.crawl import CrawlPlan, ShardStats, crawl_shards, prepare_crawl, summarize
 from dataprep.crawl_status import CrawlSummary
-from pipelines.config import BuildConfig, state_dir
+from dataprep.state import state_dir
+from pipelines.config import BuildConfig
 from pipelines.report import crawl_markdown, reason_rows
 
 

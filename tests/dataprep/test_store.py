@@ -577,3 +577,13 @@ def test_s3_settings_keep_the_secret_secret() -> None:
         S3Settings(endpoint="http://x")  # type: ignore[call-arg]
     with pytest.raises(ValueError, match="both"):
         S3Settings(access_key_id="AKIA")
+
+
+def test_arrow_filesystem_sees_the_same_objects(store):
+    store.put_bytes("runs/a/x.bin", b"payload")
+    fs, path = store.arrow_filesystem("runs/a")
+    with fs.open_input_stream(f"{path}/x.bin") as f:
+        assert f.read() == b"payload"
+    with fs.open_output_stream(f"{path}/y.bin") as f:
+        f.write(b"from arrow")
+    assert store.get_bytes("runs/a/y.bin") == b"from arrow"
