@@ -33,10 +33,39 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.config import TrainConfig
+    from training.engine import validate
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.source={args.data}")
+    if args.ray_address:
+        overrides.append(f"scale.ray_address={args.ray_address}")
+    config = load_config(TrainConfig, args.config, [f"spec={args.model}", *overrides])
+    try:
+        validate(config)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    from pipelines.console import print_training_result
+    from pipelines.training_flows import train_clip
+
+    print_training_result(config, train_clip(config))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
-    return run_demo(args.config, args.overrides, n=args.n, seed=args.seed)
+    train_config = None if args.no_train else args.train_config
+    return run_demo(
+        args.config,
+        args.overrides,
+        n=args.n,
+        seed=args.seed,
+        train_config=train_config,
+        train_overrides=args.train_set or [],
+    )
 
 
 def cmd_sampleweb_serve(args: argparse.Namespace) -> int:
@@ -74,11 +103,23 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(build)
     build.set_defaults(func=cmd_build)
 
+    train = sub.add_parser("train", help="train a model on Ray + DeepSpeed (flow train-MODEL)")
+    train.add_argument("model", choices=["clip"], help="what to train")
+    with_config(train)
+    train.add_argument("--data", help="training shards: URIs, brace pattern, folder/ or manifest")
+    train.add_argument("--ray-address", help="Ray cluster address (default: a local Ray)")
+    train.set_defaults(func=cmd_train)
+
     demo = sub.add_parser("demo", help="serve the sample web and build a dataset from it")
     demo.add_argument("--config", default="configs/demo.yaml", help="YAML config file")
     demo.add_argument("--n", type=int, default=2000, help="sample web size")
     demo.add_argument("--seed", type=int, default=0, help="sample web seed")
-    demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    demo.add_argument("--train-config", default="configs/clip-tiny.yaml", help="CLIP config")
+    demo.add_argument(
+        "--train-set", action="append", metavar="KEY=VALUE", help="override in the CLIP config"
+    )
+    demo.add_argument("--no-train", action="store_true", help="crawl only")
+    demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="build config overrides")
     demo.set_defaults(func=cmd_demo)
 
     web = sub.add_parser("sampleweb", help="the synthetic sample web (test corpus)")
@@ -103,7 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _prepare_environment()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may follow other positionals (`train clip --config X a.b=1`), where argparse
+    # has already closed its `overrides` list: collect them from the leftovers.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    if unknown or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     from dataprep.crawl import CrawlError
     from dataprep.store import StoreError
     from dataprep.url_list import UrlListError

@@ -22,3 +22,17 @@ def print_crawl_summary(config: BuildConfig, summary: CrawlSummary) -> None:
     console.print(
         f"shards: {summary.shards} WebDataset shards at [bold]{location}[/bold]", soft_wrap=True
     )
+
+
+def print_training_result(config, outcome: dict) -> None:
+    console = Console()
+    final = outcome.get("final", {})
+    table = Table(title=f"training run {config.name}: step {final.get('step', 0)}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in final.items():
+        if isinstance(value, float):
+            table.add_row(name, f"{value:.4g}")
+    console.print(table)
+    console.print(f"run folder: {outcome['result']['run_uri']}", soft_wrap=True)
+    console.print(f"exported weights: {outcome['export']}", soft_wrap=True)

@@ -42,8 +42,17 @@ def sample_web(n: int, seed: int, out: Path):
             server.wait()
 
 
-def run_demo(config_path: str, overrides: list[str], n: int, seed: int) -> int:
+def run_demo(
+    config_path: str,
+    overrides: list[str],
+    n: int,
+    seed: int,
+    train_config: str | None = "configs/clip-tiny.yaml",
+    train_overrides: list[str] = (),
+) -> int:
+    """Crawl the sample web into shards, then (unless `train_config` is None) train CLIP on them."""
     config = load_config(BuildConfig, config_path, overrides)  # fail fast, before the server
+    train = _train_config(train_config, train_overrides, "file:///placeholder/")
     from pipelines.console import print_crawl_summary
     from pipelines.flows import run_build
 
@@ -53,10 +62,36 @@ def run_demo(config_path: str, overrides: list[str], n: int, seed: int) -> int:
         serving = [f"urls={web['urls']}", f"crawl.policy.allow=['127.0.0.1:{web['port']}']"]
         config = load_config(BuildConfig, config_path, [*overrides, *serving])
         # The server's port, and so every URL, is new each run: start the demo build afresh.
-        removed = config.store.open().delete_prefix(f"staging/{config.name}/")
-        if removed:
-            print(f"removed the previous demo build ({removed} objects)")
+        _remove(config.store.open(), f"staging/{config.name}/", "the previous demo build")
         summary = run_build(config)
     print_crawl_summary(config, summary)
+    print(f"crawl finished after {time.monotonic() - started:.0f} s")
+    if train is not None:
+        store = config.store.open()
+        shards = store.uri(config.staging_prefix()) + "/"
+        train = _train_config(train_config, train_overrides, shards)
+        _remove(store, f"{train.run_prefix()}/", "the previous demo training run")
+        from pipelines.console import print_training_result
+        from pipelines.training_flows import train_clip
+
+        print(f"training {train.model} for {train.steps} steps on {shards}")
+        print_training_result(train, train_clip(train))
     print(f"demo finished in {time.monotonic() - started:.0f} s")
     return 0
+
+
+def _train_config(path: str | None, overrides, shards: str):
+    if path is None:
+        return None
+    from training.config import TrainConfig
+    from training.engine import validate
+
+    cfg = load_config(TrainConfig, path, [f"data.source={shards}", *overrides])
+    validate(cfg)
+    return cfg
+
+
+def _remove(store, prefix: str, what: str) -> None:
+    removed = store.delete_prefix(prefix)
+    if removed:
+        print(f"removed {what} ({removed} objects)")

@@ -39,3 +39,22 @@ def crawl_markdown(name: str, summary: CrawlSummary, location: str) -> str:
         for r in reason_rows(summary)
     ]
     return "\n".join(lines) + "\n"
+
+
+def training_markdown(cfg, result, exported: str, rows: list[dict]) -> str:
+    final = rows[-1] if rows else {}
+    lines = [
+        f"# Training run `{cfg.name}` ({cfg.spec}, {cfg.model})",
+        "",
+        f"- steps: **{result.steps}** of {cfg.steps}; run folder `{result.run_uri}`",
+        f"- latest checkpoint: `{result.checkpoint_uri}`",
+        f"- exported weights: `{exported}`",
+        f"- engine: ZeRO-{cfg.engine.zero.stage}, {cfg.engine.precision}, "
+        f"{cfg.scale.num_workers} workers x micro-batch {cfg.engine.micro_batch_size} "
+        f"x accumulation {cfg.engine.grad_accum_steps}",
+        "",
+        "| metric | final value |",
+        "|---|---:|",
+    ]
+    lines += [f"| {k} | {v:.4g} |" for k, v in final.items() if isinstance(v, float)]
+    return "\n".join(lines) + "\n"

@@ -4,6 +4,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -52,7 +53,7 @@ def test_missing_url_list_is_a_clear_error(tmp_path):
 @pytest.mark.slow
 def test_demo_serves_crawls_reports_and_stops_the_server(tmp_path):
     env = {"MMPIPE_STATE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    result = mmpipe("demo", "--n", "120", "--seed", "1", env=env, timeout=300)
+    result = mmpipe("demo", "--n", "120", "--seed", "1", "--no-train", env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "crawl of demo: 120 URLs" in result.stdout
     assert f"file://{tmp_path}/store/staging/demo/crawl" in result.stdout
@@ -60,3 +61,14 @@ def test_demo_serves_crawls_reports_and_stops_the_server(tmp_path):
     port = json.loads((tmp_path / "sampleweb" / "ready.json").read_text())["port"]
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1)
+
+
+def test_train_with_inconsistent_batch_sizes_fails_fast_and_clearly():
+    started = time.monotonic()
+    result = mmpipe(
+        "train", "clip", "--config", "configs/clip-tiny.yaml", "engine.train_batch_size=100"
+    )
+    assert result.returncode == 2
+    assert "engine.train_batch_size = 100 but micro_batch_size" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert time.monotonic() - started < 30  # no Ray, no workers

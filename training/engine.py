@@ -1,0 +1,265 @@
+"""The training engine: Ray Train `TorchTrainer` workers, each driving a DeepSpeed engine.
+
+One engine for every model: a `ModelSpec` (training/specs) supplies model, data and loss. The
+driver (`launch`) validates the config, starts or joins Ray and runs the trainer; each worker
+(`train_worker`) initialises DeepSpeed inside the Ray worker, resumes from the run's latest
+checkpoint if there is one, and trains, reporting metrics and checkpoints through Ray Train.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dataprep.state import state_dir
+from training.config import TrainConfig
+from training.parallel import (
+    DTYPES,
+    check_precision,
+    deepspeed_config,
+    make_optimizer,
+    make_scheduler,
+)
+from training.specs import get_spec, param_groups
+
+CLIENT_STATE = "mmpipe_state"
+
+
+@dataclass
+class TrainResult:
+    name: str
+    steps: int
+    metrics: dict
+    checkpoint_uri: str | None
+    run_uri: str
+
+
+# --- driver -----------------------------------------------------------------------------
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Everything that can be checked before a worker starts."""
+    cfg.engine.check_batch(cfg.scale.num_workers)
+    check_precision(cfg)
+    if cfg.engine.activation_checkpointing:
+        get_spec(cfg.spec)  # unknown specs fail here, not in a worker
+
+
+def launch(cfg: TrainConfig) -> TrainResult:
+    """Train (or resume) the run `cfg.name` on Ray; blocks until it ends."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    validate(cfg)
+    if not ray.is_initialized():
+        ray.init(
+            address=cfg.scale.ray_address,
+            include_dashboard=False,
+            runtime_env={"env_vars": worker_env(cfg)},
+            log_to_driver=True,
+        )
+    store = cfg.store.open()
+    fs, runs_path = store.arrow_filesystem("runs")
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=cfg.model_dump(mode="json"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scale.num_workers,
+            use_gpu=cfg.scale.use_gpu,
+            resources_per_worker={"CPU": cfg.scale.cpus_per_worker},
+        ),
+        torch_config=TorchConfig(backend="nccl" if cfg.scale.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=runs_path,
+            storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_kept),
+            failure_config=FailureConfig(max_failures=cfg.scale.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    checkpoint = result.checkpoint
+    return TrainResult(
+        name=cfg.name,
+        steps=int(result.metrics.get("step", 0)) if result.metrics else 0,
+        metrics=dict(result.metrics or {}),
+        checkpoint_uri=_store_uri(store, runs_path, checkpoint.path) if checkpoint else None,
+        run_uri=store.uri(cfg.run_prefix()),
+    )
+
+
+def worker_env(cfg: TrainConfig) -> dict[str, str]:
+    env = {
+        "PYTHONPATH": os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p),
+        "MMPIPE_STATE_DIR": str(state_dir()),
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+    }
+    if not cfg.scale.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator: gloo, bf16
+    return env
+
+
+def _store_uri(store, runs_path: str, checkpoint_path: str) -> str:
+    relative = checkpoint_path.split(runs_path, 1)[-1].lstrip("/")
+    return store.uri(f"runs/{relative}")
+
+
+# --- worker -----------------------------------------------------------------------------
+
+
+def train_worker(config: dict) -> None:
+    """Runs in every Ray Train worker: DeepSpeed is imported and initialised here."""
+    import deepspeed
+    import ray.train
+
+    cfg = TrainConfig.model_validate(config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.scale.cpus_per_worker)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    spec = get_spec(cfg.spec)
+    model = spec.build(cfg)
+    if cfg.engine.activation_checkpointing:
+        spec.enable_activation_checkpointing(model)
+    optimizer = make_optimizer(param_groups(model, spec, cfg.optim.weight_decay), cfg)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=make_scheduler(optimizer, cfg),
+        config=deepspeed_config(cfg, world),
+        dist_init_required=False,  # Ray Train already set up the process group
+    )
+    step, metrics_rows = _restore(engine)
+    store = cfg.store.open()
+    sink = None
+    if rank == 0:
+        from training.monitor import MetricsSink, read_metrics
+
+        if step == 0:
+            metrics_rows = []
+        else:
+            metrics_rows = [r for r in read_metrics(store, cfg.run_prefix()) if r["step"] <= step]
+        local = Path(tempfile.mkdtemp(prefix=f"{cfg.name}-", dir=_work_dir()))
+        sink = MetricsSink(store, cfg.run_prefix(), local, metrics_rows)
+    _train(cfg, spec, engine, rank, world, step, sink)
+    if sink is not None:
+        sink.close()
+
+
+def _work_dir() -> Path:
+    path = state_dir() / "work" / "train"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _train(cfg, spec, engine, rank: int, world: int, step: int, sink) -> None:
+    import ray.train
+
+    dtype = DTYPES[cfg.engine.precision]
+    accum = cfg.engine.grad_accum_steps
+    batches = _batches(cfg, spec, rank, world, step)
+    window = _Window()
+    while step < cfg.steps:
+        for _ in range(accum):
+            batch = _to_device(next(batches), engine.device, dtype)
+            terms = spec.loss(engine, batch)
+            engine.backward(terms["total"])
+            engine.step()
+            window.add(terms, batch, cfg.engine.micro_batch_size * world)
+        step += 1
+        extra = spec.after_step(engine.module)
+        metrics: dict = {}
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            metrics = window.reduce(engine, world) | extra
+        if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 or step == cfg.steps:
+            engine.eval()
+            with torch.no_grad():
+                metrics |= spec.evaluate(engine.module, cfg, dtype)
+            engine.train()
+        if metrics and sink is not None:
+            sink.log(step, metrics)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            _save(engine, step, metrics or {"step": step})
+        elif metrics:
+            ray.train.report({"step": step, **metrics})
+
+
+class _Window:
+    """Loss terms and throughput since the last log, averaged over ranks when reported."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.count, self.samples, self.skipped = 0, 0, 0
+        self.started = time.monotonic()
+
+    def add(self, terms: dict, batch: dict, global_samples: int) -> None:
+        for name, value in terms.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value.detach())
+        self.count += 1
+        self.samples += global_samples
+        self.skipped += int(batch.get("skipped", 0))
+
+    def reduce(self, engine, world: int) -> dict:
+        names = sorted(self.sums)
+        values = torch.tensor([self.sums[n] / self.count for n in names] + [self.skipped])
+        if world > 1:
+            dist.all_reduce(values)
+            values[: len(names)] /= world
+        elapsed = time.monotonic() - self.started
+        metrics = {f"train/{n}": float(v) for n, v in zip(names, values[: len(names)], strict=True)}
+        metrics["lr"] = engine.get_lr()[0]
+        metrics["samples_per_s"] = self.samples / elapsed if elapsed > 0 else 0.0
+        metrics["data/skipped_samples"] = int(values[-1])
+        self.__init__()
+        return metrics
+
+
+def _batches(cfg, spec, rank: int, world: int, step: int):
+    """Micro-batches forever, epoch after epoch, starting where `step` left off."""
+    loader = spec.train_loader(cfg, rank, world)
+    epoch, skip = divmod(step * cfg.engine.grad_accum_steps, loader.steps_per_epoch)
+    while True:
+        loader.set_epoch(epoch, skip_batches=skip)  # replays the epoch's stream, no decoding
+        yield from loader
+        epoch, skip = epoch + 1, 0
+
+
+def _to_device(batch: dict, device, dtype: torch.dtype) -> dict:
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, dtype=dtype) if value.is_floating_point() else value.to(device)
+        out[key] = value
+    return out
+
+
+def _save(engine, step: int, metrics: dict) -> None:
+    """Every rank writes its part (ZeRO shards) and reports it; Ray merges them in storage."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(dir=_work_dir()) as tmp:
+        engine.save_checkpoint(tmp, tag=f"step{step:08d}", client_state={CLIENT_STATE: step})
+        ray.train.report(
+            {"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp)
+        )
+
+
+def _restore(engine) -> tuple[int, list]:
+    """Load the run's latest checkpoint, if any: weights, optimizer, LR schedule and step."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, []
+    with checkpoint.as_directory() as path:
+        _, client_state = engine.load_checkpoint(path)
+    step = int(client_state[CLIENT_STATE])
+    print(f"resumed from {checkpoint.path} at step {step}", flush=True)
+    return step, []
