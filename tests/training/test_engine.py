@@ -161,7 +161,7 @@ def test_resume_after_driver_sigkill_continues_steps_and_schedule(local_store, t
     script.write_text(RESUME_DRIVER)
     env = os.environ | {"MMPIPE_STATE_DIR": str(tmp_path / "state")}
     proc = subprocess.Popen([sys.executable, str(script), *args], env=env, start_new_session=True)
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 420  # Ray start-up and the first 8 steps
     while latest_checkpoint_prefix(local_store, cfg.run_prefix()) is None:
         assert proc.poll() is None, "driver ended before it could be killed"
         assert time.monotonic() < deadline
