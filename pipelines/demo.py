@@ -86,7 +86,8 @@ def _train_config(path: str | None, overrides, shards: str):
     from training.config import TrainConfig
     from training.engine import validate
 
-    cfg = load_config(TrainConfig, path, [f"data.source={shards}", *overrides])
+    # Its own run name: the demo starts its run afresh and must not touch a user's runs.
+    cfg = load_config(TrainConfig, path, [f"data.source={shards}", "name=demo-clip", *overrides])
     validate(cfg)
     return cfg
 

@@ -120,6 +120,7 @@ def train_worker(config: dict) -> None:
     import ray.train
 
     cfg = TrainConfig.model_validate(config)
+    _quiet_worker_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.scale.cpus_per_worker)
@@ -151,6 +152,16 @@ def train_worker(config: dict) -> None:
     _train(cfg, spec, engine, rank, world, step, sink)
     if sink is not None:
         sink.close()
+
+
+def _quiet_worker_logs() -> None:
+    """Keep the driver's log to mmpipe's step lines: Ray logs every report at INFO, and
+    DeepSpeed calls a torch.distributed function torch has deprecated, once per step."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
 
 
 def _work_dir() -> Path:
