@@ -1,0 +1,140 @@
+"""Zero-shot and retrieval metrics, sample-web prompts and the held-out set."""
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dataprep.sampleweb.corpus import COLOURS, SHAPES, generate_corpus, render_image
+from training.evaluate import (
+    HELDOUT_SEED,
+    crawl_border_resize,
+    heldout_sampleweb,
+    preprocess_images,
+    retrieval_recall,
+    sampleweb_classnames,
+    sampleweb_metrics,
+    sampleweb_zero_shot_setup,
+    zero_shot_accuracy,
+    zero_shot_classifier,
+)
+from training.models.clip import create_clip
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return create_clip("clip-tiny")
+
+
+@pytest.fixture(scope="module")
+def heldout(tiny):
+    images, labels, captions = heldout_sampleweb(48, image_size=64)
+    return preprocess_images(images, tiny.eval_transform), labels, captions
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def test_prompts_cover_all_16_classes():
+    classnames, prompts = sampleweb_zero_shot_setup()
+    assert len(classnames) == len(set(classnames)) == 16 == len(prompts)
+    for name, class_prompts in zip(classnames, prompts, strict=True):
+        colour, shape = name.split()
+        assert len(class_prompts) == len(set(class_prompts)) == 6 * 16
+        for prompt in class_prompts:
+            words = prompt.replace(",", " ").replace(":", " ").replace("(", " ").split()
+            assert colour in words and shape in words
+            assert not (set(words) & (set(COLOURS) | set(SHAPES))) - {colour, shape}
+
+
+def test_all_fillings_is_the_full_caption_grid():
+    _, prompts = sampleweb_zero_shot_setup(fillings=None)
+    assert all(len(set(p)) == 6 * 3 * 9 * 4 for p in prompts)
+
+
+def test_classifier_shape_and_norm(tiny):
+    classnames, prompts = sampleweb_zero_shot_setup(fillings=2)
+    templates = ["a photo of a {}.", lambda c: f"{c} on a white background"]
+    for clf in (
+        zero_shot_classifier(tiny.model, tiny.tokenizer, classnames, templates),
+        zero_shot_classifier(tiny.model, tiny.tokenizer, ["a", "b", "c"], templates),
+    ):
+        assert clf.shape[0] == tiny.model.text_projection.shape[1]
+        assert torch.allclose(clf.norm(dim=0), torch.ones(clf.shape[1]), atol=1e-5)
+    assert clf.shape[1] == 3
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_tiny_model_metrics_are_well_formed(tiny, heldout):
+    images, labels, captions = heldout
+    classnames, prompts = sampleweb_zero_shot_setup(fillings=2)
+    clf = zero_shot_classifier(tiny.model, tiny.tokenizer, classnames, [lambda c: c])
+    acc = zero_shot_accuracy(tiny.model, clf, images, labels)
+    assert set(acc) == {"top1", "top5"} and 0 <= acc["top1"] <= acc["top5"] <= 1
+    metrics = sampleweb_metrics(tiny.model, tiny.tokenizer, images, labels, captions, prompts)
+    for direction in ("image_to_text", "text_to_image"):
+        recalls = [metrics[f"{direction}_R@{k}"] for k in (1, 5, 10)]
+        assert 0 <= recalls[0] <= recalls[1] <= recalls[2] <= 1
+    assert tiny.model.training  # evaluation restored the mode
+
+
+def test_perfect_features_give_recall_one():
+    feats = F.normalize(torch.randn(20, 8), dim=-1)
+    assert set(retrieval_recall(feats, feats + 0.01 * torch.randn(20, 8)).values()) == {1.0}
+
+
+def test_recall_counts_ties_against_and_is_monotone():
+    collapsed = torch.ones(10, 4)  # every pair ties: a collapsed model must not score
+    recalls = retrieval_recall(collapsed, collapsed, ks=(1, 5, 10))
+    assert recalls["image_to_text_R@1"] == recalls["text_to_image_R@5"] == 0.0
+    assert recalls["image_to_text_R@10"] == 1.0  # k = N: always found
+    img, txt = torch.randn(50, 16), torch.randn(50, 16)
+    r = retrieval_recall(img, txt, ks=(1, 2, 5, 10, 50))
+    assert [r[f"image_to_text_R@{k}"] for k in (1, 2, 5, 10, 50)] == sorted(
+        r[f"image_to_text_R@{k}"] for k in (1, 2, 5, 10, 50)
+    )
+    assert r["text_to_image_R@50"] == 1.0
+
+
+def test_perfect_classifier_gives_accuracy_one():
+    class Oracle(torch.nn.Module):  # image features = one-hot label embeddings
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def encode_image(self, x, normalize=False):
+            return F.one_hot(x[:, 0, 0, 0].long(), 16).float()
+
+    labels = torch.arange(32) % 16
+    images = labels.float()[:, None, None, None].expand(32, 3, 2, 2)
+    acc = zero_shot_accuracy(Oracle(), torch.eye(16), images, labels)
+    assert acc == {"top1": 1.0, "top5": 1.0}
+
+
+# --------------------------------------------------------------------------- held-out data
+
+
+def test_heldout_is_clean_labelled_and_crawl_sized():
+    images, labels, captions = heldout_sampleweb(20, seed=HELDOUT_SEED, image_size=48)
+    assert len(images) == len(captions) == labels.shape[0] == 20
+    assert all(img.size == (48, 48) and img.mode == "RGB" for img in images)
+    names = sampleweb_classnames()
+    for label, caption in zip(labels.tolist(), captions, strict=True):
+        colour, shape = names[label].split()
+        assert colour in caption and shape in caption
+
+
+def test_border_resize_is_byte_identical_to_img2dataset(monkeypatch):
+    monkeypatch.setenv("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check on import
+    from img2dataset.resizer import Resizer
+
+    specs = generate_corpus(12, seed=7, fault_rates={})
+    for size in (64, 200):  # shrinking (INTER_AREA) and enlarging (LANCZOS4)
+        resizer = Resizer(size, "border", resize_only_if_bigger=False, encode_quality=95)
+        for spec in specs:
+            data = render_image(spec)
+            assert crawl_border_resize(data, size) == resizer(io.BytesIO(data))[0]
