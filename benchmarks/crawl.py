@@ -11,9 +11,10 @@ What is measured
   samples per shard, timeout (10 s), retries (0), shard retries (1), hash (sha256), user agent
   token, max image area and no EXIF. Each run is the wall time of the whole call, pool start-up
   included (the CLI's time also includes its interpreter start and imports; that cost is
-  measured once and printed, so it can be judged). images/s = successfully crawled images /
-  seconds. A run counts only when it crawled > 99% of the URLs (and accounted for all of
-  them); otherwise the benchmark stops with an error, so a run that failed fast never looks fast.
+  measured separately, least of 3, and printed with the ratio mmpipe would get had it paid it
+  too). images/s = successfully crawled images / seconds. A run counts only when it crawled
+  > 99% of the URLs (and accounted for all of them); otherwise the benchmark stops with an
+  error, so a run that failed fast never looks fast.
 
   The order alternates (a b, b a, a b, ...) to cancel drift; one small unmeasured warm-up of each
   comes first (page cache, imports). Before each run the benchmark waits (up to --wait-quiet
@@ -89,7 +90,7 @@ class Run:
         return self.kept / self.seconds
 
 
-# --------------------------------------------------------------------------- sample web
+# --------------------------------------------------------------------------- machine load
 
 
 class CpuMeter:
@@ -147,6 +148,9 @@ class CpuMeter:
         if before[0] is None or after[0] is None:
             return None
         return max(0.0, (after[0] - before[0]) - (after[1] - before[1]))
+
+
+# --------------------------------------------------------------------------- sample web
 
 
 @contextlib.contextmanager
@@ -412,9 +416,9 @@ def report(runs: list[Run], args, facts: dict, startup_s: float) -> dict:
             f"(min {min(values):.1f}, max {max(values):.1f}, {len(values)} runs)"
         )
     print(
-        "(shard-s: img2dataset's own per-shard durations summed, inside the download processes; "
-        "ms/url = shard-s per URL: the crawl work without start-up and upload;\n"
-        " other-cpu: CPU seconds used during the run by processes outside this benchmark)"
+        "shard-s: img2dataset's per-shard durations summed (inside the download processes);\n"
+        "ms/url: shard-s per URL, the crawl work without start-up and upload;\n"
+        "other-cpu: CPU seconds used during the run by processes outside this benchmark"
     )
     busy = [r for r in runs if (r.other_cpu_s or 0) > OTHER_CPU_WARN * r.seconds]
     if busy:
