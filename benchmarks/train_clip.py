@@ -45,8 +45,9 @@ What is measured
   DataLoader worker processes shown apart. other: cores that processes outside the benchmark
   used in the measured window (whole machine minus the run's process tree); a busy neighbour
   skews a run, so the benchmark first waits (``--wait-quiet``; ``--wait-for PATTERN``: also
-  while a process matching PATTERN runs) for the machine to go idle and warns when a run was
-  disturbed. Because other load stretches wall time far more than CPU time, each run also
+  while a process matching PATTERN runs) for the machine to go idle, runs a disturbed run
+  (others > 0.25 core) again (``--retries``; only the last attempt counts) and warns when one
+  still was. Because other load stretches wall time far more than CPU time, each run also
   reports CPU ms/sample: CPU seconds of all rank and loader processes in the measured window per
   global sample, and the ratio of those costs (open_clip / mmpipe) next to the samples/s ratio.
 
@@ -178,6 +179,8 @@ class Run:
     window_s: float | None = None  # the measured window, as seen by the watcher
     rank_cpu_s: float | None = None  # CPU of ranks + loaders in the measured window
     other_cpu_s: float | None = None  # CPU of processes outside the run, same window
+    disturbed: bool = False  # others used > OTHER_CPU_WARN cores in the window
+    counted: bool = True  # in the medians (a disturbed run is run again, --retries times)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -275,6 +278,7 @@ class TreeWatch(threading.Thread):
         self.cpu: dict[int, float] = {}
         self.cpu_base: dict[int, float] = {}
         self.rank_or_loader: set[int] = set()
+        self.lifetime: dict[int, list[float]] = {}  # rank and loader pids: first, last seen
         self.snapshots: list[Snapshot] = []
         self.step_seen: dict[int, float] = {}
         self.stop = threading.Event()
@@ -322,6 +326,7 @@ class TreeWatch(threading.Thread):
             bucket = self.ranks if proc.pid in rank_pids else self.loaders if forked else None
             if bucket is not None:
                 self.rank_or_loader.add(proc.pid)
+                self.lifetime.setdefault(proc.pid, [now, now])[1] = now
                 peak = peak_rss_mib(proc.pid)
                 if peak is not None:
                     bucket[proc.pid] = max(bucket.get(proc.pid, 0.0), peak)
@@ -335,6 +340,17 @@ class TreeWatch(threading.Thread):
     def finish(self) -> None:
         self.stop.set()
         self.join(timeout=10)
+
+    def peaks(self, bucket: dict[int, float], t0: float | None, t1: float | None) -> list[float]:
+        """Peak RSS of the bucket's processes that lived during [t0, t1] (all if unknown):
+        the loaders that fed the measured steps, not a short-lived fork at the end."""
+        if t0 is None or t1 is None:
+            return sorted(bucket.values())
+        return sorted(
+            peak
+            for pid, peak in bucket.items()
+            if self.lifetime[pid][0] <= t1 + POLL_S and self.lifetime[pid][1] >= t0 - POLL_S
+        )
 
     def _at(self, t: float, name: str) -> float | None:
         """A snapshot field at time t, interpolated linearly between polls."""
@@ -488,13 +504,13 @@ def mmpipe_overrides(setup: Setup, name: str) -> list[str]:
     ]
 
 
-def run_mmpipe(setup: Setup, repeat: int) -> Run:
+def run_mmpipe(setup: Setup, repeat: int, attempt: int = 0) -> Run:
     from pipelines.config import load_config
     from training.config import TrainConfig
     from training.monitor import read_metrics
 
     a = setup.args
-    name = f"bench-{repeat}"
+    name = f"bench-{repeat}-{attempt}"  # a new run: the same name would resume
     overrides = mmpipe_overrides(setup, name)
     cfg = load_config(TrainConfig, ROOT / "configs" / "clip-tiny.yaml", overrides)
     driver = setup.tmp / "mmpipe_driver.py"
@@ -505,7 +521,7 @@ def run_mmpipe(setup: Setup, repeat: int) -> Run:
         "OMP_NUM_THREADS": "1",
         "NO_ALBUMENTATIONS_UPDATE": "1",
     }
-    log = setup.tmp / f"mmpipe-{repeat}.log"
+    log = setup.tmp / f"mmpipe-{repeat}-{attempt}.log"
 
     def is_rank(proc, root_pid: int) -> bool:  # not its DataLoader workers: same proctitle
         def train_worker(p) -> bool:
@@ -548,8 +564,8 @@ def run_mmpipe(setup: Setup, repeat: int) -> Run:
         samples_per_s=len(windows) * window_samples / seconds,
         windows=windows,
         wall_s=wall,
-        rank_peak_rss_mib=sorted(watch.ranks.values()),
-        loader_peak_rss_mib=sorted(watch.loaders.values()),
+        rank_peak_rss_mib=watch.peaks(watch.ranks, t0, t1),
+        loader_peak_rss_mib=watch.peaks(watch.loaders, t0, t1),
         window_s=seconds,
         rank_cpu_s=cpu.get("rank_cpu_s"),
         other_cpu_s=cpu.get("other_cpu_s"),
@@ -609,15 +625,15 @@ def _torchrun() -> list[str]:
     return [str(beside)] if beside.exists() else [sys.executable, "-m", "torch.distributed.run"]
 
 
-def run_openclip(setup: Setup, repeat: int) -> Run:
+def run_openclip(setup: Setup, repeat: int, attempt: int = 0) -> Run:
     a = setup.args
     launcher = setup.tmp / "openclip_launcher.py"
     cmd = [*_torchrun(), "--standalone", "--nnodes=1", f"--nproc_per_node={WORLD}"]
-    args_file = setup.tmp / f"openclip-{repeat}.args.json"
-    args_file.write_text(json.dumps(openclip_args(setup, f"bench-{repeat}")))
+    args_file = setup.tmp / f"openclip-{repeat}-{attempt}.args.json"
+    args_file.write_text(json.dumps(openclip_args(setup, f"bench-{repeat}-{attempt}")))
     cmd += [str(launcher), str(ROOT / "configs" / "models"), str(args_file)]
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    log = setup.tmp / f"openclip-{repeat}.log"
+    log = setup.tmp / f"openclip-{repeat}-{attempt}.log"
 
     def is_rank(proc, root_pid: int) -> bool:  # torchrun's children run the launcher
         return proc.ppid() == root_pid and any(str(launcher) in p for p in proc.cmdline())
@@ -639,15 +655,16 @@ def run_openclip(setup: Setup, repeat: int) -> Run:
         for m0, m1 in zip(marks, marks[1:], strict=False)
     ]
     seconds = stamps[marks[-1]] - stamps[marks[0]]
-    cpu = watch.window(stamps[marks[0]], stamps[marks[-1]])
+    t0, t1 = stamps[marks[0]], stamps[marks[-1]]
+    cpu = watch.window(t0, t1)
     return Run(
         engine=OPENCLIP,
         repeat=repeat,
         samples_per_s=(marks[-1] - marks[0]) * global_batch / seconds,
         windows=windows,
         wall_s=wall,
-        rank_peak_rss_mib=sorted(watch.ranks.values()),
-        loader_peak_rss_mib=sorted(watch.loaders.values()),
+        rank_peak_rss_mib=watch.peaks(watch.ranks, t0, t1),
+        loader_peak_rss_mib=watch.peaks(watch.loaders, t0, t1),
         window_s=seconds,
         rank_cpu_s=cpu["rank_cpu_s"],
         other_cpu_s=cpu["other_cpu_s"],
@@ -761,22 +778,24 @@ def report(setup: Setup, runs: list[Run], estimate: dict, versions: dict) -> dic
     for r in runs:
         loss = r.extra.get("final_loss")
         rss = f"{_fmt_mib(r.rank_peak_rss_mib)} ({_fmt_mib(r.loader_peak_rss_mib)})"
+        mark = " " if r.counted else "x"
         print(
-            f"{r.engine:<10}{r.repeat + 1:>4}{r.samples_per_s:>11.1f}{_cpu_cost(r):>10}"
+            f"{r.engine:<10}{r.repeat + 1:>3}{mark}{r.samples_per_s:>11.1f}{_cpu_cost(r):>10}"
             f"{_other(r):>7}{r.wall_s:>8.1f}{'' if loss is None else f'{loss:.3f}':>7}  "
             f"{rss:<28} {' '.join(f'{w:.0f}' for w in r.windows)}"
         )
     print(
         "  samples/s: global, over the measured steps; cpu ms/sa: CPU of all ranks and their "
         "loaders per sample\n  in that window (robust to a busy machine); other: cores other "
-        "processes used meanwhile"
+        "processes used meanwhile;\n  x: disturbed, run again, not in the medians"
     )
     engines = (MMPIPE, OPENCLIP)
+    counted = [r for r in runs if r.counted]
     medians = {
-        e: statistics.median(r.samples_per_s for r in runs if r.engine == e) for e in engines
+        e: statistics.median(r.samples_per_s for r in counted if r.engine == e) for e in engines
     }
     cpu_cost = {
-        e: _median([r.rank_cpu_ms_per_sample for r in runs if r.engine == e]) for e in engines
+        e: _median([r.rank_cpu_ms_per_sample for r in counted if r.engine == e]) for e in engines
     }
     ratio = medians[MMPIPE] / medians[OPENCLIP]
     cpu_ratio = (
@@ -809,12 +828,13 @@ def report(setup: Setup, runs: list[Run], estimate: dict, versions: dict) -> dic
         f"{rss[MMPIPE]:.0f} MiB (Ray Train worker), open_clip {rss[OPENCLIP]:.0f} MiB "
         "(torchrun child); DataLoader workers listed per run above"
     )
-    busy = [r for r in runs if (r.other_cores or 0) > OTHER_CPU_WARN]
+    busy = [r for r in counted if r.disturbed]
     if busy:
         print(
             f"WARNING: other processes used > {OTHER_CPU_WARN:.0%} of a core while "
             + ", ".join(f"{r.engine} run {r.repeat + 1}" for r in busy)
-            + " measured: their samples/s are skewed (cpu ms/sample much less so)"
+            + f" (still, after {a.retries} retries) measured: their samples/s are skewed "
+            "(cpu ms/sample much less so)"
         )
     return {
         "benchmark": "train_clip",
@@ -884,6 +904,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="before each run, wait up to S seconds for the machine to go idle (0: don't)",
     )
     p.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="run a disturbed run (others used > 0.25 core) again, up to this many times",
+    )
+    p.add_argument(
         "--wait-for",
         default=None,
         metavar="PATTERN",
@@ -931,17 +957,24 @@ def main(argv: list[str] | None = None) -> int:
         for repeat in range(args.repeats):
             order = [MMPIPE, OPENCLIP] if repeat % 2 == 0 else [OPENCLIP, MMPIPE]
             for engine in order:
-                waited = wait_for_absent(args.wait_for)
-                waited += wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else 0.0
-                fn = run_mmpipe if engine == MMPIPE else run_openclip
-                run = fn(setup, repeat)
-                runs.append(run)
-                print(
-                    f"  run {repeat + 1}/{args.repeats} {engine:<9} {run.samples_per_s:7.1f} "
-                    f"samples/s, {_cpu_cost(run)} CPU ms/sample  (wall {run.wall_s:.0f}s, "
-                    f"waited {waited:.0f}s for quiet, other processes {_other(run)} cores)",
-                    flush=True,
-                )
+                for attempt in range(args.retries + 1):
+                    waited = wait_for_absent(args.wait_for)
+                    waited += wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else 0.0
+                    fn = run_mmpipe if engine == MMPIPE else run_openclip
+                    run = fn(setup, repeat, attempt)
+                    runs.append(run)
+                    run.disturbed = (run.other_cores or 0) > OTHER_CPU_WARN
+                    run.counted = not run.disturbed or attempt == args.retries
+                    note = "" if run.counted else ": disturbed, run again"
+                    print(
+                        f"  run {repeat + 1}/{args.repeats} {engine:<9} {run.samples_per_s:7.1f} "
+                        f"samples/s, {_cpu_cost(run)} CPU ms/sample  (wall {run.wall_s:.0f}s, "
+                        f"waited {waited:.0f}s for quiet, other processes {_other(run)} cores)"
+                        + note,
+                        flush=True,
+                    )
+                    if run.counted:
+                        break
         estimate = zero_estimate(args.zero_stage, args.precision)
         result = report(setup, runs, estimate, versions)
         if args.json:
