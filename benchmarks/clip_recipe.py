@@ -45,7 +45,12 @@ from training.evaluate import (  # noqa: E402
     zero_shot_accuracy,
 )
 from training.losses import ClipLoss, clamp_logit_scale  # noqa: E402
-from training.models.clip import ClipBundle, create_clip, param_groups  # noqa: E402
+from training.models.clip import (  # noqa: E402
+    ClipBundle,
+    create_clip,
+    param_groups,
+    register_model_configs,
+)
 
 CACHE = Path(__file__).resolve().parents[1] / "state" / "cache" / "clip_recipe"
 CRAWL_SIZE = 64  # configs/demo.yaml crawl.image_size
@@ -157,6 +162,8 @@ def evaluate(bundle: ClipBundle, heldout: EvalSet, train: EvalSet, prompts: list
 
 def train(args: argparse.Namespace) -> list[dict]:
     torch.manual_seed(args.seed)
+    if args.config:
+        register_model_configs(args.config)
     overrides = {"aug_cfg": {"scale": tuple(args.aug_scale)}} if args.aug_scale else {}
     if args.image_size:
         overrides["force_image_size"] = args.image_size
@@ -187,9 +194,14 @@ def train(args: argparse.Namespace) -> list[dict]:
         flush=True,
     )
 
-    optimizer = torch.optim.AdamW(
-        param_groups(model, args.wd), lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=True
-    )
+    groups = []
+    for group in param_groups(model, args.wd):  # experiment: a separate text-tower lr
+        names = {id(p): n for n, p in model.named_parameters()}
+        text = [p for p in group["params"] if not names[id(p)].startswith(("visual.", "logit"))]
+        other = [p for p in group["params"] if names[id(p)].startswith(("visual.", "logit"))]
+        groups.append(group | {"params": other, "lr_scale": 1.0})
+        groups.append(group | {"params": text, "lr_scale": args.text_lr_scale})
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
     loss_fn = ClipLoss()
     curve: list[dict] = []
     train_s = eval_s = train_cpu_s = 0.0
@@ -222,7 +234,7 @@ def train(args: argparse.Namespace) -> list[dict]:
             break
         s0, c0 = time.time(), cpu_seconds()
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args)
+            group["lr"] = lr_at(step, args) * group["lr_scale"]
         x, tokens = data.batch(args.batch)
         image_features, text_features, scale = model(x, tokens)
         loss = loss_fn(image_features, text_features, scale)["total"]
@@ -258,6 +270,7 @@ def train(args: argparse.Namespace) -> list[dict]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="clip-tiny")
+    p.add_argument("--config", default=None, help="extra open_clip config file or folder")
     p.add_argument("--image-size", type=int, default=None, help="force_image_size override")
     p.add_argument("--train-n", type=int, default=12000, help="sample-web size (before faults)")
     p.add_argument("--train-seed", type=int, default=1)
@@ -266,6 +279,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--wd", type=float, default=0.1)
+    p.add_argument("--text-lr-scale", type=float, default=1.0)
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--aug-scale", type=float, nargs=2, default=None, help="RandomResizedCrop")

@@ -178,6 +178,7 @@ class Run:
     loader_peak_rss_mib: list[float]  # VmHWM of each DataLoader worker process
     window_s: float | None = None  # the measured window, as seen by the watcher
     rank_cpu_s: float | None = None  # CPU of ranks + loaders in the measured window
+    loader_cpu_s: float | None = None  # the loaders' part of it
     other_cpu_s: float | None = None  # CPU of processes outside the run, same window
     disturbed: bool = False  # others used > OTHER_CPU_WARN cores in the window
     counted: bool = True  # in the medians (a disturbed run is run again, --retries times)
@@ -189,6 +190,12 @@ class Run:
         if self.rank_cpu_s is None or self.window_s is None:
             return None
         return 1000 * self.rank_cpu_s / (self.samples_per_s * self.window_s)
+
+    @property
+    def loader_cpu_ms_per_sample(self) -> float | None:
+        if self.loader_cpu_s is None or self.window_s is None:
+            return None
+        return 1000 * self.loader_cpu_s / (self.samples_per_s * self.window_s)
 
     @property
     def other_cores(self) -> float | None:
@@ -256,6 +263,7 @@ class Snapshot:
     busy: float | None  # whole machine, CPU seconds
     tree: float  # the run's process tree, CPU seconds since the run began
     ranks: float  # rank processes and their DataLoader workers, CPU seconds
+    loaders: float  # the DataLoader workers alone
     own: float  # this process
 
 
@@ -332,7 +340,8 @@ class TreeWatch(threading.Thread):
                     bucket[proc.pid] = max(bucket.get(proc.pid, 0.0), peak)
         tree = sum(cpu - self.cpu_base.get(pid, 0.0) for pid, cpu in self.cpu.items())
         ranks = sum(self.cpu.get(pid, 0.0) for pid in self.rank_or_loader)
-        self.snapshots.append(Snapshot(now, busy, tree, ranks, _self_cpu_s()))
+        loaders = sum(self.cpu.get(pid, 0.0) for pid in self.rank_or_loader if pid in self.loaders)
+        self.snapshots.append(Snapshot(now, busy, tree, ranks, loaders, _self_cpu_s()))
         if self.steps_logged is not None:
             for step in self.steps_logged():
                 self.step_seen.setdefault(step, now)
@@ -365,13 +374,17 @@ class TreeWatch(threading.Thread):
     def window(self, t0: float, t1: float) -> dict[str, float | None]:
         """CPU seconds in [t0, t1]: the ranks' (with loaders), and other processes'."""
         values = {}
-        for name in ("busy", "tree", "ranks", "own"):
+        for name in ("busy", "tree", "ranks", "loaders", "own"):
             a, b = self._at(t0, name), self._at(t1, name)
             values[name] = None if a is None or b is None else b - a
         other = None
         if None not in (values["busy"], values["tree"], values["own"]):
             other = max(0.0, values["busy"] - values["tree"] - values["own"])
-        return {"rank_cpu_s": values["ranks"], "other_cpu_s": other}
+        return {
+            "rank_cpu_s": values["ranks"],
+            "loader_cpu_s": values["loaders"],
+            "other_cpu_s": other,
+        }
 
 
 def _self_cpu_s() -> float:
@@ -568,6 +581,7 @@ def run_mmpipe(setup: Setup, repeat: int, attempt: int = 0) -> Run:
         loader_peak_rss_mib=watch.peaks(watch.loaders, t0, t1),
         window_s=seconds,
         rank_cpu_s=cpu.get("rank_cpu_s"),
+        loader_cpu_s=cpu.get("loader_cpu_s"),
         other_cpu_s=cpu.get("other_cpu_s"),
         extra={"final_loss": by_step[setup.total_steps].get("train/contrastive")},
     )
@@ -667,6 +681,7 @@ def run_openclip(setup: Setup, repeat: int, attempt: int = 0) -> Run:
         loader_peak_rss_mib=watch.peaks(watch.loaders, t0, t1),
         window_s=seconds,
         rank_cpu_s=cpu["rank_cpu_s"],
+        loader_cpu_s=cpu["loader_cpu_s"],
         other_cpu_s=cpu["other_cpu_s"],
         extra={"final_loss": _last_openclip_loss(text)},
     )
@@ -763,6 +778,11 @@ def _cpu_cost(run: Run) -> str:
     return "n/a" if cost is None else f"{cost:.2f}"
 
 
+def _loader_cost(run: Run) -> str:
+    cost = run.loader_cpu_ms_per_sample
+    return "n/a" if cost is None else f"{cost:.2f}"
+
+
 def _median(values: list[float | None]) -> float | None:
     known = [v for v in values if v is not None]
     return statistics.median(known) if known else None
@@ -772,7 +792,8 @@ def report(setup: Setup, runs: list[Run], estimate: dict, versions: dict) -> dic
     a = setup.args
     print()
     print(
-        f"{'engine':<10}{'run':>4}{'samples/s':>11}{'cpu ms/sa':>10}{'other':>7}{'wall s':>8}"
+        f"{'engine':<10}{'run':>4}{'samples/s':>11}{'cpu ms/sa':>10}{'loaders':>8}{'other':>7}"
+        f"{'wall s':>8}"
         f"{'loss':>7}  rank peak RSS MiB (loaders)  10-step windows, samples/s"
     )
     for r in runs:
@@ -781,12 +802,14 @@ def report(setup: Setup, runs: list[Run], estimate: dict, versions: dict) -> dic
         mark = " " if r.counted else "x"
         print(
             f"{r.engine:<10}{r.repeat + 1:>3}{mark}{r.samples_per_s:>11.1f}{_cpu_cost(r):>10}"
+            f"{_loader_cost(r):>8}"
             f"{_other(r):>7}{r.wall_s:>8.1f}{'' if loss is None else f'{loss:.3f}':>7}  "
             f"{rss:<28} {' '.join(f'{w:.0f}' for w in r.windows)}"
         )
     print(
         "  samples/s: global, over the measured steps; cpu ms/sa: CPU of all ranks and their "
-        "loaders per sample\n  in that window (robust to a busy machine); other: cores other "
+        "loaders per sample\n  in that window (robust to a busy machine), loaders: their part; "
+        "other: cores other "
         "processes used meanwhile;\n  x: disturbed, run again, not in the medians"
     )
     engines = (MMPIPE, OPENCLIP)
@@ -798,6 +821,9 @@ def report(setup: Setup, runs: list[Run], estimate: dict, versions: dict) -> dic
         e: _median([r.rank_cpu_ms_per_sample for r in counted if r.engine == e]) for e in engines
     }
     ratio = medians[MMPIPE] / medians[OPENCLIP]
+    loader_cost = {
+        e: _median([r.loader_cpu_ms_per_sample for r in counted if r.engine == e]) for e in engines
+    }
     cpu_ratio = (
         cpu_cost[OPENCLIP] / cpu_cost[MMPIPE] if cpu_cost[MMPIPE] and cpu_cost[OPENCLIP] else None
     )
@@ -807,7 +833,11 @@ def report(setup: Setup, runs: list[Run], estimate: dict, versions: dict) -> dic
     print()
     for e in engines:
         cost = "n/a" if cpu_cost[e] is None else f"{cpu_cost[e]:.2f}"
-        print(f"median {e:<10}: {medians[e]:8.1f} samples/s (global), {cost} CPU ms/sample")
+        part = "n/a" if loader_cost[e] is None else f"{loader_cost[e]:.2f}"
+        print(
+            f"median {e:<10}: {medians[e]:8.1f} samples/s (global), {cost} CPU ms/sample "
+            f"({part} in its DataLoader workers)"
+        )
     verdict = "ok" if ratio >= 0.9 else "BELOW TARGET"
     print(f"ratio mmpipe/open_clip: {ratio:.3f} samples/s (target >= 0.9: {verdict})")
     if cpu_ratio is not None:
@@ -854,12 +884,17 @@ def report(setup: Setup, runs: list[Run], estimate: dict, versions: dict) -> dic
         "versions": versions,
         "runs": [
             asdict(r)
-            | {"rank_cpu_ms_per_sample": r.rank_cpu_ms_per_sample, "other_cores": r.other_cores}
+            | {
+                "rank_cpu_ms_per_sample": r.rank_cpu_ms_per_sample,
+                "loader_cpu_ms_per_sample": r.loader_cpu_ms_per_sample,
+                "other_cores": r.other_cores,
+            }
             for r in runs
         ],
         "median_samples_per_s": medians,
         "ratio_mmpipe_over_openclip": ratio,
         "median_cpu_ms_per_sample": cpu_cost,
+        "median_loader_cpu_ms_per_sample": loader_cost,
         "cpu_cost_ratio_openclip_over_mmpipe": cpu_ratio,
         "memory": {
             "zero_estimate": estimate,

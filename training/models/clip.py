@@ -31,7 +31,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 MODEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
 PREPROCESS_SUFFIX = ".preprocess.json"
 
-_registered: set[Path] = set()
+_registered: dict[Path, None] = {}  # insertion-ordered set
 
 
 @dataclass
@@ -51,7 +51,7 @@ def register_model_configs(path: str | Path = MODEL_CONFIG_DIR) -> None:
     path = Path(path).resolve()
     if path not in _registered:
         open_clip.add_model_config(path)
-        _registered.add(path)
+        _registered[path] = None
 
 
 def list_clip_models() -> list[str]:
@@ -60,13 +60,16 @@ def list_clip_models() -> list[str]:
     return open_clip.list_models()
 
 
-def model_preprocess(name: str, config_dir: str | Path = MODEL_CONFIG_DIR) -> dict[str, dict]:
-    """The sidecar ``{"preprocess_cfg": {...}, "aug_cfg": {...}}`` of ``name`` ({} if none)."""
-    sidecar = Path(config_dir) / f"{name}{PREPROCESS_SUFFIX}"
-    if not sidecar.is_file():
-        return {}
-    data = json.loads(sidecar.read_text())
-    return {k: data[k] for k in ("preprocess_cfg", "aug_cfg") if k in data}
+def model_preprocess(name: str) -> dict[str, dict]:
+    """The sidecar ``{"preprocess_cfg": {...}, "aug_cfg": {...}}`` of ``name`` ({} if none),
+    looked up next to every registered config (last registered wins, like open_clip)."""
+    register_model_configs()
+    for path in reversed(list(_registered)):
+        sidecar = (path if path.is_dir() else path.parent) / f"{name}{PREPROCESS_SUFFIX}"
+        if sidecar.is_file():
+            data = json.loads(sidecar.read_text())
+            return {k: data[k] for k in ("preprocess_cfg", "aug_cfg") if k in data}
+    return {}
 
 
 def create_clip(name: str, pretrained: str | None = None, **overrides: Any) -> ClipBundle:
