@@ -9,14 +9,32 @@ from pathlib import Path
 
 from dataprep.state import state_dir
 from pipelines.config import BuildConfig, ConfigError, load_config
+from pipelines.server import ConnectionProblem
 
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError,)
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, ConnectionProblem)
+SERVE_CONFIG = "configs/serve.yaml"
 
 
 def _prepare_environment() -> None:
     """Settings Prefect reads at import: keep its files in the state dir, no telemetry."""
     os.environ.setdefault("PREFECT_HOME", str(state_dir() / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The ephemeral API's 20 s start-up limit is too short on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    if "PREFECT_API_URL" not in os.environ:  # a server from `mmpipe server start`, if it runs
+        from pipelines.server import running_api_url
+
+        if url := running_api_url():
+            os.environ["PREFECT_API_URL"] = url
+
+
+def _check_prefect_api(args: argparse.Namespace) -> None:
+    """Commands that run flows fail fast when PREFECT_API_URL points at nothing."""
+    url = os.environ.get("PREFECT_API_URL")
+    if getattr(args, "uses_prefect", False) and url:
+        from pipelines.server import check_api
+
+        check_api(url)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -33,7 +51,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def train_config_from_args(args: argparse.Namespace):
+    """The TrainConfig of a parsed `train` command, validated before any worker starts."""
     from training.config import TrainConfig
     from training.engine import validate
 
@@ -47,6 +66,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         validate(config)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    return config
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config = train_config_from_args(args)
     from pipelines.console import print_training_result
     from pipelines.training_flows import train_clip
 
@@ -87,10 +111,83 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_config(args: argparse.Namespace):
+    from pipelines.ops_config import ServeConfig
+
+    path = args.config
+    if path is None and Path(SERVE_CONFIG).exists():
+        path = SERVE_CONFIG
+    return load_config(ServeConfig, path, getattr(args, "overrides", []))
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from pipelines import server
+
+    if args.server_command == "start":
+        section = _serve_config(args).server
+        info = server.start_server(
+            args.host or section.host, args.port or section.port, section.startup_timeout_s
+        )
+        print(f"Prefect server running (pid {info.pid}): UI at {info.ui_url}")
+        print(f"mmpipe commands now use it; `mmpipe server stop` stops it (log: {info.log})")
+    elif args.server_command == "stop":
+        stopped = server.stop_server()
+        print(f"stopped the Prefect server (pid {stopped.pid})" if stopped else "not running")
+    else:
+        print("\n".join(server.status_lines()))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pipelines import deployments
+
+    config = _serve_config(args)
+    if args.apply_only:
+        ids = deployments.apply_deployments(config)
+        print(f"created or updated {len(ids)} deployments")
+        return 0
+    deployments.serve(config)
+    return 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from pipelines.launch import launch
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    train_args = parse_args(build_parser(), command)
+    if getattr(train_args, "func", None) is not cmd_train:
+        raise ConfigError(
+            "mmpipe launch runs a training command. Fix: mmpipe launch --address "
+            "http://HEAD:8265 -- train clip --config configs/clip-tiny.yaml"
+        )
+    cfg = train_config_from_args(train_args)
+    env = {}
+    for item in args.env or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--env {item!r} must look like NAME=VALUE")
+        env[key] = value
+    result = launch(args.address, command, cfg, env, python=args.python)
+    print(f"Ray job {result.job_id}: {result.status}")
+    print(f"run folder: {result.run_uri}")
+    print(f"latest checkpoint: {result.checkpoint_uri or '(none visible from here)'}")
+    return 0 if result.status == "SUCCEEDED" else 1
+
+
+DESCRIPTION = """From image URLs to trained CLIP and DALL-E models.
+
+user jobs:
+  schedule dataset builds    mmpipe build (now), mmpipe serve (on schedules and events)
+  launch training runs       mmpipe train (here), mmpipe launch (on a Ray cluster)
+  monitor in the Prefect UI  mmpipe server start, then open the URL it prints
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmpipe",
-        description="From image URLs to trained CLIP and DALL-E models.",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Overrides are dotted key=value pairs, e.g. crawl.threads=32 store.url=s3://b/p",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -101,14 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     build = sub.add_parser("build", help="build a dataset (Prefect flow build-dataset)")
     with_config(build)
-    build.set_defaults(func=cmd_build)
+    build.set_defaults(func=cmd_build, uses_prefect=True)
 
     train = sub.add_parser("train", help="train a model on Ray + DeepSpeed (flow train-MODEL)")
     train.add_argument("model", choices=["clip"], help="what to train")
     with_config(train)
     train.add_argument("--data", help="training shards: URIs, brace pattern, folder/ or manifest")
     train.add_argument("--ray-address", help="Ray cluster address (default: a local Ray)")
-    train.set_defaults(func=cmd_train)
+    train.set_defaults(func=cmd_train, uses_prefect=True)
 
     demo = sub.add_parser("demo", help="serve the sample web and build a dataset from it")
     demo.add_argument("--config", default="configs/demo.yaml", help="YAML config file")
@@ -120,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--no-train", action="store_true", help="crawl only")
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="build config overrides")
-    demo.set_defaults(func=cmd_demo)
+    demo.set_defaults(func=cmd_demo, uses_prefect=True)
 
     web = sub.add_parser("sampleweb", help="the synthetic sample web (test corpus)")
     web_sub = web.add_subparsers(dest="sampleweb_command", required=True, metavar="COMMAND")
@@ -139,12 +236,42 @@ def build_parser() -> argparse.ArgumentParser:
     show = config_sub.add_parser("show", help="print a config with defaults and overrides")
     with_config(show)
     show.set_defaults(func=cmd_config_show)
+    _add_ops_commands(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    _prepare_environment()
-    parser = build_parser()
+def _add_ops_commands(sub) -> None:
+    srv = sub.add_parser("server", help="a persistent Prefect server and its UI on loopback")
+    srv_sub = srv.add_subparsers(dest="server_command", required=True, metavar="COMMAND")
+    start = srv_sub.add_parser("start", help="start it (detached) and wait until healthy")
+    start.add_argument("--config", help=f"serve config (default: {SERVE_CONFIG})")
+    start.add_argument("--host", help="address to bind (default from config: 127.0.0.1)")
+    start.add_argument("--port", type=int, help="port (default from config: 4200)")
+    srv_sub.add_parser("stop", help="stop it")
+    srv_sub.add_parser("status", help="print its URL and health")
+    srv.set_defaults(func=cmd_server)
+
+    serve = sub.add_parser("serve", help="serve scheduled and event-triggered deployments")
+    serve.add_argument("--config", help=f"serve config (default: {SERVE_CONFIG})")
+    serve.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    serve.add_argument(
+        "--apply-only", action="store_true", help="create or update the deployments, then exit"
+    )
+    serve.set_defaults(func=cmd_serve, uses_prefect=True)
+
+    launch = sub.add_parser(
+        "launch",
+        help="submit a training run to a Ray cluster as a Ray Job",
+        usage="mmpipe launch --address http://HEAD:8265 [--env K=V] -- train clip --config ...",
+    )
+    launch.add_argument("--address", required=True, help="Ray dashboard URL of the head")
+    launch.add_argument("--env", action="append", metavar="NAME=VALUE", help="job env var")
+    launch.add_argument("--python", default="python", help="interpreter on the head node")
+    launch.add_argument("command", nargs=argparse.REMAINDER, help="the mmpipe train command")
+    launch.set_defaults(func=cmd_launch)
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     # Overrides may follow other positionals (`train clip --config X a.b=1`), where argparse
     # has already closed its `overrides` list: collect them from the leftovers.
     args, extra = parser.parse_known_args(argv)
@@ -153,11 +280,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    _prepare_environment()
+    args = parse_args(build_parser(), argv)
     from dataprep.crawl import CrawlError
     from dataprep.store import StoreError
     from dataprep.url_list import UrlListError
 
     try:
+        _check_prefect_api(args)
         return args.func(args)
     except (*USER_ERRORS, CrawlError, StoreError, UrlListError) as err:
         print(f"mmpipe: error: {err}", file=sys.stderr)

@@ -15,6 +15,7 @@ from dataprep.crawl import CrawlPlan, ShardStats, crawl_shards, prepare_crawl, s
 from dataprep.crawl_status import CrawlSummary
 from dataprep.state import state_dir
 from pipelines.config import BuildConfig
+from pipelines.locks import dataset_build_lock
 from pipelines.report import crawl_markdown, reason_rows
 
 
@@ -53,6 +54,11 @@ def _run_name() -> str:
 @flow(name="build-dataset", flow_run_name=_run_name, log_prints=True)
 def build_dataset(config: BuildConfig) -> CrawlSummary:
     """Crawl a URL list into WebDataset shards in the store, accounting for every URL."""
+    with dataset_build_lock(config.name):  # one build of a dataset at a time
+        return _build(config)
+
+
+def _build(config: BuildConfig) -> CrawlSummary:
     plan = plan_crawl(config)
     groups = plan.groups(config.crawl.shards_per_task)
     progress = create_progress_artifact(

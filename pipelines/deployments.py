@@ -1,0 +1,133 @@
+"""`mmpipe serve`: Prefect deployments for the build and training flows, from configs/serve.yaml.
+
+- `build-dataset/<dataset>`: one per build config, on its cron or interval schedule (or on
+  demand), with the config (URL list, dataset name, ...) as its parameters; one run at a time.
+- `train-<model>/<run>`: one per training config; with `on_publish`, a DeploymentEventTrigger
+  starts it when `mmpipe.dataset.published` is emitted for that dataset, training on the
+  published manifest under the run name `<run>-<version>`.
+
+`train-dvae` and `train-dalle` are registered once `pipelines/dalle_flows.py` provides the
+flows `train_dvae` and `train_dalle` (each taking `cfg`, like `train_clip`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from datetime import timedelta
+from typing import Any
+
+from pipelines.config import BuildConfig, ConfigError, load_config
+from pipelines.events import DATASET_PUBLISHED, dataset_resource_id
+from pipelines.ops_config import BuildDeployment, Schedule, ServeConfig, TrainDeployment
+
+TRAINING_FLOWS = {  # model -> (module, flow function)
+    "clip": ("pipelines.training_flows", "train_clip"),
+    "dvae": ("pipelines.dalle_flows", "train_dvae"),
+    "dalle": ("pipelines.dalle_flows", "train_dalle"),
+}
+# The run name of a triggered training run: the configured name plus the published version.
+VERSION_SUFFIX = "-{{ event.payload.version | lower | replace('.', '-') | replace('_', '-') }}"
+
+
+def training_flow(model: str):
+    """The flow that trains `model`, or None while its module does not exist yet."""
+    module_name, attr = TRAINING_FLOWS[model]
+    if importlib.util.find_spec(module_name) is None:
+        return None
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def _schedule_kwargs(schedule: Schedule) -> dict[str, Any]:
+    if schedule.cron:
+        from prefect.schedules import Cron
+
+        return {"schedule": Cron(schedule.cron, timezone=schedule.timezone)}
+    if schedule.interval_s:
+        from prefect.schedules import Interval
+
+        return {"schedule": Interval(timedelta(seconds=schedule.interval_s))}
+    return {}
+
+
+def build_deployment(spec: BuildDeployment):
+    """The `build-dataset` deployment of one build config."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from pipelines.flows import build_dataset
+
+    config = load_config(BuildConfig, spec.config, spec.overrides)
+    runner = ThreadPoolTaskRunner(max_workers=config.concurrent_tasks)
+    return build_dataset.with_options(task_runner=runner).to_deployment(
+        name=config.name,
+        parameters={"config": config.model_dump(mode="json")},
+        concurrency_limit=spec.concurrency_limit,
+        tags=["mmpipe", f"dataset:{config.name}"],
+        description=f"build dataset {config.name} from {config.urls}",
+        **_schedule_kwargs(spec.schedule),
+    )
+
+
+def train_deployment(spec: TrainDeployment):
+    """The `train-<model>` deployment of one training config, or None if the model's flow is
+    not there yet."""
+    from training.config import TrainConfig
+
+    flow = training_flow(spec.model)
+    if flow is None:
+        return None
+    cfg = load_config(TrainConfig, spec.config, [f"spec={spec.model}", *spec.overrides])
+    params = {"cfg": cfg.model_dump(mode="json")}
+    triggers = [publish_trigger(spec, params)] if spec.on_publish else []
+    return flow.to_deployment(
+        name=cfg.name,
+        parameters=params,
+        triggers=triggers,
+        concurrency_limit=spec.concurrency_limit,
+        tags=["mmpipe", f"model:{spec.model}"],
+        description=f"train {spec.model} run {cfg.name}",
+        **_schedule_kwargs(spec.schedule),
+    )
+
+
+def publish_trigger(spec: TrainDeployment, params: dict):
+    """Run the deployment when its dataset is published, on the published manifest."""
+    from prefect.events import DeploymentEventTrigger
+
+    dataset = spec.on_publish.dataset
+    cfg = dict(params["cfg"])
+    cfg["name"] = cfg["name"] + VERSION_SUFFIX
+    cfg["data"] = {**cfg["data"], "source": "{{ event.payload.manifest_url }}"}
+    return DeploymentEventTrigger(
+        name=f"train {cfg['spec']} on publish of {dataset}",
+        enabled=spec.on_publish.enabled,
+        expect={DATASET_PUBLISHED},
+        match={"prefect.resource.id": dataset_resource_id(dataset)},
+        parameters={"cfg": cfg},
+    )
+
+
+def deployments(config: ServeConfig, warn=print) -> list:
+    """Every deployment the serve config asks for (training ones whose flow exists)."""
+    found = [build_deployment(spec) for spec in config.builds]
+    for spec in config.training:
+        deployment = train_deployment(spec)
+        if deployment is None:
+            warn(f"skipping train-{spec.model}: its flow is not in this version of mmpipe")
+        else:
+            found.append(deployment)
+    if not found:
+        raise ConfigError("the serve config lists no deployments (builds: or training:)")
+    return found
+
+
+def apply_deployments(config: ServeConfig, warn=print) -> list[str]:
+    """Create or update the deployments (and their triggers) on the Prefect API; returns ids."""
+    return [str(d.apply()) for d in deployments(config, warn)]
+
+
+def serve(config: ServeConfig, warn=print) -> None:
+    """Create the deployments and run their flow runs here until interrupted."""
+    from prefect import serve as prefect_serve
+
+    prefect_serve(*deployments(config, warn))

@@ -1,0 +1,85 @@
+"""A real Prefect server for the operations tests, started and stopped as a user does it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+
+
+@dataclass(frozen=True)
+class PrefectServer:
+    state: Path  # its MMPIPE_STATE_DIR
+    port: int
+    pid: int
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    @property
+    def ui_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """Environment of an mmpipe process that uses this state dir (and so this server)."""
+        env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+        return env | {"MMPIPE_STATE_DIR": str(self.state)} | extra
+
+
+def mmpipe(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@contextmanager
+def using_api(url: str) -> Iterator[None]:
+    """Point this process's Prefect client at `url`."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory) -> Iterator[PrefectServer]:
+    """`mmpipe server start` on a free loopback port in a temporary state dir; `stop` after."""
+    state = tmp_path_factory.mktemp("ops-state")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["MMPIPE_STATE_DIR"] = str(state)
+    started = mmpipe("server", "start", "--port", str(port), env=env)
+    assert started.returncode == 0, started.stdout + started.stderr
+    record = (state / "prefect" / "server.json").read_text()
+    server = PrefectServer(state, port, json.loads(record)["pid"])
+    try:
+        yield server
+    finally:
+        stopped = mmpipe("server", "stop", env=env, timeout=60)
+        deadline = time.monotonic() + 10
+        while alive(server.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert stopped.returncode == 0 and not alive(server.pid), stopped.stderr
