@@ -6,7 +6,7 @@ the model section says *what* (a registered spec and its architecture); data say
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -85,8 +85,10 @@ class TrainConfig(_Strict):
     """One training run. `name` identifies it: launching the same name again resumes it."""
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
-    spec: Literal["clip"] = "clip"
+    spec: Literal["clip", "dvae", "dalle"] = "clip"
     model: str = "clip-tiny"  # architecture name (configs/models/*.json or open_clip built-ins)
+    model_args: dict[str, Any] = {}  # dVAE / DALL-E: overrides of the architecture's fields
+    dvae_checkpoint: str | None = None  # DALL-E: the frozen dVAE (exported file, path or URI)
     steps: int = Field(1000, ge=1)
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(200, ge=1)
@@ -98,6 +100,12 @@ class TrainConfig(_Strict):
     optim: OptimConfig = OptimConfig()
     scale: ScaleConfig = ScaleConfig()
     store: StoreConfig = StoreConfig()
+
+    @model_validator(mode="after")
+    def _dalle_needs_dvae(self) -> TrainConfig:
+        if self.spec == "dalle" and not self.dvae_checkpoint:
+            raise ValueError("spec 'dalle' needs dvae_checkpoint (an exported dVAE)")
+        return self
 
     def run_prefix(self) -> str:
         return f"runs/{self.name}"

@@ -73,7 +73,15 @@ def get_spec(name: str) -> ModelSpec:
         from training.specs.clip import ClipSpec
 
         return ClipSpec()
+    if name == "dvae":
+        from training.specs.dvae import DVAESpec
+
+        return DVAESpec()
+    if name == "dalle":
+        from training.specs.dalle import DalleSpec
+
+        return DalleSpec()
     raise ValueError(f"unknown model spec {name!r}; known: {', '.join(SPECS)}")
 
 
-SPECS: Iterable[str] = ("clip",)
+SPECS: Iterable[str] = ("clip", "dvae", "dalle")

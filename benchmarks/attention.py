@@ -1,0 +1,121 @@
+"""DALL-E attention: sparse row / column / conv kernels against dense masked attention.
+
+Both sides compute the same layer (training/models/attention.py; tests check they agree): the
+dense side is one ``scaled_dot_product_attention`` over all ``T + N`` keys with the layer's
+boolean mask, the sparse side attends text + a local window per block of image queries. The
+layout is the paper's (256 text tokens + 32 x 32 image tokens); width is reduced to fit a CPU.
+Each measurement is forward + backward, the median of ``--repeats`` runs after a warm-up.
+
+    .venv/bin/python benchmarks/attention.py                    # attention kernels
+    .venv/bin/python benchmarks/attention.py --train-tokens     # + dalle-tiny training tokens/s
+
+``--train-tokens`` times optimizer steps of dalle-tiny (configs/models/dalle-tiny.json) on
+random tokens in one process, sparse and dense attention, and prints tokens/s (text + image
+positions per second). Timings on a shared machine are noisy: compare runs taken together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from training.models.attention import KINDS, Layout, dense_attention, sparse_attention
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm-up: caches masks, allocator
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def attention_step(attend, q, k, v, kind, layout, kernel):
+    def run():
+        for t in (q, k, v):
+            t.grad = None
+        out = attend(q, k, v, kind, layout, kernel)
+        out.backward(torch.ones_like(out))
+
+    return run
+
+
+def bench_attention(args) -> None:
+    layout = Layout(args.text_len, args.grid, args.grid)
+    shape = (args.batch, args.heads, layout.seq_len, args.head_dim)
+    print(
+        f"layout: {layout.text_len} text + {layout.rows}x{layout.cols} image tokens, "
+        f"batch {args.batch}, {args.heads} heads x {args.head_dim}, {args.dtype}, "
+        f"{torch.get_num_threads()} threads, forward + backward, median of {args.repeats}"
+    )
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3))
+    print(f"{'kind':<8}{'dense ms':>10}{'sparse ms':>11}{'speed-up':>10}")
+    for kind in KINDS:
+        kernel = args.kernel
+        dense = _time(attention_step(dense_attention, q, k, v, kind, layout, kernel), args.repeats)
+        sparse = _time(
+            attention_step(sparse_attention, q, k, v, kind, layout, kernel), args.repeats
+        )
+        print(f"{kind:<8}{dense * 1e3:>10.1f}{sparse * 1e3:>11.1f}{dense / sparse:>9.2f}x")
+
+
+def bench_training(args) -> None:
+    from training.models.dalle import Dalle, DalleConfig, dalle_loss
+
+    cfg = DalleConfig.named("dalle-tiny")
+    torch.manual_seed(0)
+    text = torch.randint(0, cfg.text_vocab_padded, (args.train_batch, cfg.text_len))
+    image = torch.randint(0, cfg.image_vocab, (args.train_batch, cfg.image_len))
+    print(
+        f"dalle-tiny training step, batch {args.train_batch} x {cfg.seq_len} tokens, fp32, "
+        f"{torch.get_num_threads()} threads, AdamW, median of {args.repeats}"
+    )
+    for dense in (True, False):
+        model = Dalle(cfg)
+        model.set_dense_attention(dense)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+        def step(model=model, optimizer=optimizer):
+            optimizer.zero_grad()
+            dalle_loss(*model(text, image), text, image)["total"].backward()
+            optimizer.step()
+
+        seconds = _time(step, args.repeats)
+        tokens = args.train_batch * cfg.seq_len / seconds
+        print(
+            f"{'dense' if dense else 'sparse':<8}{seconds * 1e3:>8.1f} ms/step {tokens:>10.0f} tokens/s"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--text-len", type=int, default=256)
+    parser.add_argument("--grid", type=int, default=32)
+    parser.add_argument("--kernel", type=int, default=11)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: all cores)")
+    parser.add_argument("--train-tokens", action="store_true", help="also time dalle-tiny steps")
+    parser.add_argument("--train-batch", type=int, default=64)
+    parser.add_argument("--skip-attention", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.skip_attention:
+        bench_attention(args)
+    if args.train_tokens:
+        bench_training(args)
+
+
+if __name__ == "__main__":
+    main()

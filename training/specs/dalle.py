@@ -1,0 +1,142 @@
+"""DALL-E transformer (stage 2) on captioned images, coded on the fly by a frozen dVAE.
+
+Each worker loads the dVAE named by ``dvae_checkpoint`` once (an exported ``dvae.pt``: path,
+file:// or s3:// URI) and encodes each batch's images to argmax codes before the forward pass;
+the dVAE is not trained. Captions become BPE tokens with per-position pads
+(training/models/bpe.py), sized by the transformer's config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from training.config import TrainConfig
+from training.data import make_train_loader
+from training.models.bpe import DalleTokenizer
+from training.models.dalle import Dalle, DalleConfig, dalle_loss
+from training.models.dvae import DVAE
+from training.specs import ModelSpec
+from training.specs.dvae import heldout_images, image_transform, load_dvae, local_copy, shards
+
+EXPORT_NAME = "dalle.pt"
+
+
+def model_config(cfg: TrainConfig) -> DalleConfig:
+    return DalleConfig.named(cfg.model, **cfg.model_args)
+
+
+@functools.cache
+def frozen_dvae(uri: str, s3_json: str) -> DVAE:
+    """The dVAE that codes images, loaded once per process."""
+    from dataprep.store import S3Settings
+
+    return load_dvae(local_copy(uri, S3Settings.model_validate_json(s3_json)))
+
+
+@functools.cache
+def tokenizer(vocab_size: int, text_len: int) -> DalleTokenizer:
+    return DalleTokenizer(vocab_size, text_len)
+
+
+def check_compatible(config: DalleConfig, dvae: DVAE) -> None:
+    if (dvae.config.vocab_size, dvae.config.grid) != (config.image_vocab, config.image_grid):
+        raise ValueError(
+            f"the dVAE codes {dvae.config.grid}x{dvae.config.grid} from "
+            f"{dvae.config.vocab_size} codes but the transformer expects "
+            f"{config.image_grid}x{config.image_grid} from {config.image_vocab}"
+        )
+
+
+def save_dalle(model: Dalle, path: Path, dvae_checkpoint: str | None) -> Path:
+    """A checkpoint that rebuilds itself (``model_args``) and names its dVAE."""
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    torch.save(
+        {
+            "model_args": dataclasses.asdict(model.config),
+            "state_dict": state,
+            "dvae_checkpoint": dvae_checkpoint,
+        },
+        path,
+    )
+    return path
+
+
+def load_dalle(path: str | Path) -> tuple[Dalle, str | None]:
+    """The transformer (eval mode) and the dVAE checkpoint it was trained with."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    model = Dalle(DalleConfig.from_dict(checkpoint["model_args"]))
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval(), checkpoint.get("dvae_checkpoint")
+
+
+class DalleSpec(ModelSpec):
+    name = "dalle"
+
+    def dvae(self, cfg: TrainConfig) -> DVAE:
+        if cfg.dvae_checkpoint is None:
+            raise ValueError("spec 'dalle' needs dvae_checkpoint")
+        dvae = frozen_dvae(cfg.dvae_checkpoint, cfg.store.s3.model_dump_json())
+        check_compatible(model_config(cfg), dvae)
+        return dvae
+
+    def build(self, cfg: TrainConfig) -> nn.Module:
+        self._dvae = self.dvae(cfg)  # fails early on a missing or mismatched dVAE
+        return Dalle(model_config(cfg))
+
+    def train_loader(self, cfg: TrainConfig, rank: int, world_size: int):
+        config = model_config(cfg)
+        return make_train_loader(
+            cfg.data,
+            shards(cfg.data.model_dump_json(), cfg.store.s3.model_dump_json()),
+            rank=rank,
+            world_size=world_size,
+            batch_size=cfg.engine.micro_batch_size,
+            image_transform=image_transform(self.dvae(cfg).config.image_size),
+            tokenize=tokenizer(config.text_vocab, config.text_len),
+            s3=cfg.store.s3,
+            pin_memory=cfg.scale.use_gpu,
+        )
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        codes = self.codes(batch["image"])
+        text_logits, image_logits = model(batch["text"], codes)
+        return dalle_loss(text_logits, image_logits, batch["text"], codes)
+
+    def codes(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> [B, N] dVAE codes in raster order (the dVAE runs in fp32)."""
+        dvae = self._dvae.to(images.device)
+        return dvae.encode(images.float()).flatten(1)
+
+    def enable_activation_checkpointing(self, model: nn.Module) -> None:
+        model.grad_checkpointing = True
+
+    def evaluate(self, model: nn.Module, cfg: TrainConfig, dtype: torch.dtype) -> dict[str, float]:
+        """Text and image cross-entropy on held-out sample-web captions and images."""
+        from training.evaluate import heldout_sampleweb
+
+        config = model.config
+        n = cfg.eval.heldout_samples
+        images = heldout_images(
+            n, cfg.eval.heldout_seed, cfg.eval.crawl_image_size, self._dvae.config.image_size
+        )
+        _, _, captions = heldout_sampleweb(n, cfg.eval.heldout_seed, cfg.eval.crawl_image_size)
+        text = tokenizer(config.text_vocab, config.text_len)(captions)
+        sums = {"total": 0.0, "text_ce": 0.0, "image_ce": 0.0}
+        for start in range(0, n, cfg.eval.batch_size):
+            chunk = slice(start, start + cfg.eval.batch_size)
+            codes = self.codes(images[chunk])
+            logits = model(text[chunk], codes)
+            terms = dalle_loss(*logits, text[chunk], codes)
+            for name in sums:
+                sums[name] += float(terms[name]) * codes.shape[0]
+        return {f"eval/{name}": value / n for name, value in sums.items()}
+
+    def export(self, state_dict: dict[str, torch.Tensor], cfg: TrainConfig, out: Path) -> Path:
+        model = Dalle(model_config(cfg))
+        model.load_state_dict(state_dict)
+        return save_dalle(model, out / EXPORT_NAME, cfg.dvae_checkpoint)
