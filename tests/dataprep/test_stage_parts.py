@@ -1,0 +1,215 @@
+"""The parts of the post-crawl stages, on small data: filters, hashes, dedup, resharding, versions."""
+
+import io
+import itertools
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dataprep.dedup import candidate_pairs, exact_duplicates
+from dataprep.filters import FilterConfig, caption_reason, image_reason, judge_sample
+from dataprep.phash import colour_distance, colour_signature, hamming, phash, to_signed
+from dataprep.publish import (
+    DatasetManifest,
+    PublishConfig,
+    PublishError,
+    ScorerInfo,
+    choose_version,
+    list_datasets,
+    plan_shards,
+    read_manifest,
+)
+from dataprep.sampleweb.corpus import generate_corpus, render_image
+from dataprep.semdedup import ArraySource, SemanticConfig, greedy_within, semantic_dedup
+from dataprep.stages import KEPT, StageStats
+from training.scorer import best_threshold
+
+
+def jpeg(image: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- filters
+
+
+def test_datacomp_basic_filter_defaults():
+    cfg = FilterConfig()
+    assert caption_reason("", cfg) == "empty_caption"
+    assert caption_reason("   ", cfg) == "empty_caption"
+    assert caption_reason("a cat", cfg) == "caption_too_short"  # 5 characters
+    assert caption_reason("redcircle", cfg) == "caption_too_few_words"
+    assert caption_reason("a red circle", cfg) is None  # 3 words, 12 characters
+    assert image_reason(199, 400, 1000, cfg) == "image_too_small"
+    assert image_reason(200, 601, 1000, cfg) == "aspect_ratio"
+    assert image_reason(200, 600, 1000, cfg) is None
+
+
+def test_each_sample_gets_exactly_one_reason():
+    cfg = FilterConfig(min_image_side=16, max_image_bytes=10_000)
+    good = jpeg(Image.new("RGB", (64, 64), (200, 30, 30)))
+    meta = b'{"original_width": 100, "original_height": 120, "url": "http://x/1.jpg"}'
+    cases = {
+        "kept": {"jpg": good, "txt": b"a red square on white", "json": meta},
+        "missing_image": {"txt": b"a red square on white", "json": meta},
+        "decode_error": {"jpg": good[: len(good) // 2], "txt": b"a red square", "json": meta},
+        "empty_caption": {"jpg": good, "txt": b"", "json": meta},
+        "image_bytes_too_large": {
+            "jpg": jpeg(Image.effect_noise((256, 256), 80).convert("RGB"), 95),
+            "txt": b"noise noise noise",
+            "json": meta,
+        },
+    }
+    for expected, files in cases.items():
+        row = judge_sample("k", files, cfg)
+        assert row["reason"] == expected, (expected, row)
+    kept = judge_sample("k", cases["kept"], cfg)
+    assert len(kept["sha256"]) == 64 and kept["phash"] is not None and len(kept["colours"]) == 6
+
+
+def test_stage_stats_must_add_up():
+    stats = StageStats.of("filter", 0, "fp", [KEPT, KEPT, "empty_caption"])
+    assert (stats.count, stats.kept, stats.by_reason) == (3, 2, {KEPT: 2, "empty_caption": 1})
+    with pytest.raises(AssertionError, match="do not add up"):
+        StageStats(stage="x", shard=0, fingerprint="", count=3, kept=2, by_reason={KEPT: 2}).check()
+
+
+# --------------------------------------------------------------------------- perceptual
+
+
+def sample_web_pictures(n: int = 60):
+    specs = [s for s in generate_corpus(n, seed=11, fault_rates={})]
+    return [Image.open(io.BytesIO(render_image(s))).convert("RGB") for s in specs]
+
+
+def test_phash_survives_reencoding_and_resizing():
+    for picture in sample_web_pictures(20):
+        h = phash(picture)
+        requality = Image.open(io.BytesIO(jpeg(picture, 40)))
+        smaller = picture.resize((picture.width * 3 // 4, picture.height * 3 // 4))
+        assert hamming(np.array([h]), np.array([phash(requality)]))[0] <= 6
+        assert hamming(np.array([h]), np.array([phash(smaller)]))[0] <= 8
+        # exact colours survive resizing; heavy JPEG moves saturated colours by tens of levels
+        assert colour_distance(colour_signature(picture), colour_signature(smaller)) <= 10
+
+
+def test_colour_signature_tells_recoloured_layouts_apart():
+    red = Image.new("RGB", (64, 64), (128, 128, 128))
+    red.paste((220, 30, 30), (16, 16, 48, 48))
+    blue = Image.new("RGB", (64, 64), (128, 128, 128))
+    blue.paste((30, 70, 220), (16, 16, 48, 48))
+    assert hamming(np.array([phash(red)]), np.array([phash(blue)]))[0] <= 16  # pHash: alike
+    assert colour_distance(colour_signature(red), colour_signature(blue)) > 100
+    assert colour_distance(colour_signature(red), colour_signature(red)) == 0
+
+
+def test_multi_index_candidates_contain_every_close_pair():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2**63, 200, dtype=np.int64)
+    flips = [np.int64(1) << np.int64(b) for b in rng.integers(0, 63, (200, 5))]
+    near = base ^ np.bitwise_or.reduce(np.array(flips), axis=1)  # 5 bits or fewer apart
+    hashes = np.concatenate([base, near])
+    threshold = 6
+    found = set()
+    for i, j in candidate_pairs(hashes, threshold):
+        found.update(zip(i.tolist(), j.tolist(), strict=True))
+    brute = {
+        (i, j)
+        for i, j in itertools.combinations(range(len(hashes)), 2)
+        if hamming(hashes[i], hashes[j]) <= threshold
+    }
+    assert brute <= found
+    assert len(found) < len(hashes) ** 2 / 20  # far from all pairs
+    assert to_signed(2**64 - 1) == -1
+
+
+def test_exact_duplicates_keep_the_first():
+    dup = exact_duplicates(["a", "b", "a", "c", "b", "a"], np.ones(6, bool))
+    assert dup.tolist() == [-1, -1, 0, -1, 1, 0]
+
+
+# --------------------------------------------------------------------------- semantic
+
+
+def planted(n: int, dim: int, duplicates: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    copies = rng.choice(n - duplicates, duplicates, replace=False)
+    noise = 0.01 * rng.standard_normal((duplicates, dim)).astype(np.float32)
+    x[n - duplicates :] = x[copies] + noise
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x, copies
+
+
+def test_greedy_within_drops_only_later_items_similar_to_kept_ones():
+    e = np.eye(4, dtype=np.float32)
+    e = np.vstack([e, e[1:2], e[1:2]])  # rows 4 and 5 duplicate row 1
+    assert greedy_within(e, 0.99).tolist() == [-1, -1, -1, -1, 1, 1]
+
+
+def test_semdedup_finds_the_planted_duplicates_like_brute_force():
+    x, copies = planted(3000, 64, 150)
+    cfg = SemanticConfig(eps=0.01, cluster_size=300)
+    result = semantic_dedup(ArraySource(x), cfg)
+    brute = greedy_within(x, 1 - cfg.eps)
+    assert result.clusters == 10
+    assert (result.keep == (brute < 0)).mean() >= 0.999
+    assert set(np.flatnonzero(~result.keep)) == set(range(2850, 3000))
+    assert (result.duplicate_of[2850:] == copies).all()
+
+
+# --------------------------------------------------------------------------- publish
+
+
+def test_reshard_plan_by_count_and_by_bytes():
+    keys = [f"{i:09d}" for i in range(25)]
+    info = {k: {"image_bytes": 1000, "caption_chars": 20} for k in keys}
+    plan = plan_shards(keys, info, PublishConfig(samples_per_shard=10))
+    sizes = np.bincount([s for s, _ in plan.values()])
+    assert sizes.tolist() == [10, 10, 5]
+    assert sorted(plan) == keys and plan != plan_shards(keys, info, PublishConfig(seed=1))
+    by_bytes = plan_shards(keys, info, PublishConfig(samples_per_shard=None, bytes_per_shard=5000))
+    assert max(np.bincount([s for s, _ in by_bytes.values()])) == 3  # 3 x 1532 bytes fit
+
+
+def manifest(name: str, version: str, fp: str) -> DatasetManifest:
+    return DatasetManifest(
+        name=name,
+        version=version,
+        fingerprint=fp,
+        created_at="2026-01-01T00:00:00+00:00",
+        samples=0,
+        bytes=0,
+        shards=[],
+        stages={},
+        scorer=ScorerInfo(model="m", weights="w", sha256="s", threshold=0.1),
+        config={},
+    )
+
+
+def test_versions_exist_only_with_a_manifest_and_are_never_overwritten(store):
+    store.put_bytes(
+        "datasets/d/v1/manifest.json", manifest("d", "v1", "aaa").model_dump_json().encode()
+    )
+    store.put_bytes("datasets/d/v2/00000.tar", b"half-written")  # no manifest: not a version
+    store.put_bytes(
+        "datasets/d/v10/manifest.json", manifest("d", "v10", "bbb").model_dump_json().encode()
+    )
+    assert list_datasets(store) == [("d", "v1"), ("d", "v10")]
+    assert read_manifest(store, "d").version == "v10"
+    with pytest.raises(PublishError, match="not published"):
+        read_manifest(store, "d", "v2")
+    assert choose_version(store, "d", PublishConfig(), "ccc") == "v11"
+    assert choose_version(store, "d", PublishConfig(), "aaa").version == "v1"  # same build
+    with pytest.raises(PublishError, match="never overwritten"):
+        choose_version(store, "d", PublishConfig(version="v1"), "ccc")
+
+
+def test_calibrated_threshold_separates_the_two_score_sets():
+    import torch
+
+    threshold, accuracy = best_threshold(torch.tensor([0.5, 0.6, 0.7]), torch.tensor([0.1, 0.2]))
+    assert 0.2 < threshold < 0.5 and accuracy == 1.0
