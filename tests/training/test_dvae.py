@@ -207,3 +207,30 @@ def test_zero2_resumes_from_its_checkpoint_and_continues_the_schedules(
     model = load_dvae(exported)
     assert model.config == config
     assert model.encode(torch.rand(1, 3, 32, 32)).shape == (1, 4, 4)
+
+
+def test_shards_get_code_sidecars_matching_the_dvae(local_store, tmp_path):
+    import webdataset as wds
+    from PIL import Image
+
+    from training.encode_codes import encode_shards, read_codes
+    from training.specs.dvae import image_transform
+
+    data = write_shards(local_store, "data")
+    torch.manual_seed(0)
+    dvae = DVAE(DVAEConfig.named("dvae-tiny")).eval()
+    checkpoint = save_dvae(dvae, tmp_path / "dvae.pt")
+    shards = [f"{data}{i:05d}.tar" for i in range(SHARDS)]
+    results = encode_shards(shards, str(checkpoint), batch_size=50)
+    assert [r.samples for r in results] == [PER_SHARD] * SHARDS
+    assert all(r.skipped == 0 and r.sidecar.endswith(".codes.npy") for r in results)
+
+    codes = read_codes(results[0].sidecar)
+    assert len(codes) == PER_SHARD and codes["000000003"].shape == (4, 4)
+    # the same codes as encoding the shard's decoded images directly
+    transform = image_transform(32)
+    path = local_store.root_uri.removeprefix("file://") + "/data/00000.tar"
+    for sample in list(wds.WebDataset(path, shardshuffle=False))[:5]:
+        image = transform(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"))
+        expected = dvae.encode(image[None])[0]
+        assert torch.equal(torch.from_numpy(codes[sample["__key__"]]).long(), expected)

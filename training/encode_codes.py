@@ -1,0 +1,131 @@
+"""dVAE codes for a dataset's shards, as one sidecar per shard (the reproductions' stage 1.5).
+
+``NNNNN.tar`` gets ``NNNNN.codes.npy`` next to it (or under ``out``): a structured array with
+one row per decodable sample, ``key`` (the WebDataset ``__key__``, bytes) and ``codes``
+(``[h, w]`` int16, raster order), so a transformer run can read codes instead of running the
+dVAE on every epoch. Samples whose image does not decode are left out and counted. Each shard is
+one call (``encode_shard``): any shard can be re-run alone; a sidecar is written whole
+(``put_bytes``) or not at all.
+
+    from training.encode_codes import encode_shards, read_codes
+    encode_shards(["file:///data/crawl/00000.tar"], "dvae.pt")
+    codes = read_codes("file:///data/crawl/00000.codes.npy")   # {key: [h, w] int16}
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from dataprep.store import ObjectStore, S3Settings, open_store
+from training.models.dvae import DVAE
+
+SUFFIX = ".codes.npy"
+IMAGE_KEYS = ("jpg", "png", "jpeg", "webp")
+
+
+@dataclass(frozen=True)
+class ShardCodes:
+    shard: str  # the tar's URI
+    sidecar: str  # the written sidecar's URI
+    samples: int  # coded samples
+    skipped: int  # samples without a decodable image
+
+
+def sidecar_dtype(grid: int) -> np.dtype:
+    return np.dtype([("key", "S64"), ("codes", np.int16, (grid, grid))])
+
+
+def _split(uri: str) -> tuple[str, str]:
+    folder, _, name = uri.rpartition("/")
+    return folder, name
+
+
+def _samples(store: ObjectStore, key: str, uri: str) -> Iterator[dict[str, Any]]:
+    with store.open(key) as stream:
+        yield from group_by_keys(tar_file_expander([{"url": uri, "stream": stream}]))
+
+
+@torch.no_grad()
+def encode_shard(
+    shard_uri: str,
+    dvae: DVAE,
+    transform,
+    out_uri: str | None = None,
+    batch_size: int = 256,
+    s3: S3Settings | None = None,
+) -> ShardCodes:
+    """Code every sample of one tar; write ``<name>.codes.npy`` in ``out_uri`` (default: next
+    to the tar). ``transform``: PIL image -> [3, H, W] in [0, 1], as the dVAE was trained."""
+    if dvae.config.vocab_size > np.iinfo(np.int16).max + 1:
+        raise ValueError("codes above 32767 do not fit the int16 sidecar")
+    folder, name = _split(shard_uri)
+    store = open_store(folder, s3)
+    keys: list[bytes] = []
+    codes: list[np.ndarray] = []
+    pending_keys: list[bytes] = []
+    pending: list[torch.Tensor] = []
+    skipped = 0
+
+    def flush() -> None:
+        batch = torch.stack(pending)
+        codes.extend(dvae.encode(batch).to(torch.int16).numpy())
+        keys.extend(pending_keys)
+        pending.clear()
+        pending_keys.clear()
+
+    for sample in _samples(store, name, shard_uri):
+        data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+        try:
+            image = Image.open(io.BytesIO(data)).convert("RGB") if data is not None else None
+        except Exception:  # PIL raises many types for corrupt bytes
+            image = None
+        if image is None:
+            skipped += 1
+            continue
+        pending.append(transform(image))
+        pending_keys.append(sample["__key__"].encode())
+        if len(pending) == batch_size:
+            flush()
+    if pending:
+        flush()
+
+    table = np.zeros(len(keys), dtype=sidecar_dtype(dvae.config.grid))
+    table["key"] = keys
+    if codes:
+        table["codes"] = np.stack(codes)
+    buffer = io.BytesIO()
+    np.save(buffer, table, allow_pickle=False)
+    out_store = store if out_uri is None else open_store(out_uri, s3)
+    sidecar_key = name.removesuffix(".tar") + SUFFIX
+    out_store.put_bytes(sidecar_key, buffer.getvalue())
+    return ShardCodes(shard_uri, out_store.uri(sidecar_key), len(keys), skipped)
+
+
+def encode_shards(
+    shard_uris: list[str],
+    dvae_checkpoint: str,
+    out_uri: str | None = None,
+    batch_size: int = 256,
+    s3: S3Settings | None = None,
+) -> list[ShardCodes]:
+    """``encode_shard`` for each tar with the exported dVAE ``dvae_checkpoint``."""
+    from training.specs.dvae import image_transform, load_dvae, local_copy
+
+    dvae = load_dvae(local_copy(dvae_checkpoint, s3))
+    transform = image_transform(dvae.config.image_size)
+    return [encode_shard(uri, dvae, transform, out_uri, batch_size, s3) for uri in shard_uris]
+
+
+def read_codes(sidecar_uri: str, s3: S3Settings | None = None) -> dict[str, np.ndarray]:
+    """A sidecar as ``{key: [h, w] int16 codes}``."""
+    folder, name = _split(sidecar_uri)
+    table = np.load(io.BytesIO(open_store(folder, s3).get_bytes(name)), allow_pickle=False)
+    return {key.decode(): codes for key, codes in zip(table["key"], table["codes"], strict=True)}
