@@ -4,7 +4,8 @@ Both sides compute the same layer (training/models/attention.py; tests check the
 dense side is one ``scaled_dot_product_attention`` over all ``T + N`` keys with the layer's
 boolean mask, the sparse side attends text + a local window per block of image queries. The
 layout is the paper's (256 text tokens + 32 x 32 image tokens); width is reduced to fit a CPU.
-Each measurement is forward + backward, the median of ``--repeats`` runs after a warm-up.
+Each measurement is forward + backward, the median of ``--repeats`` runs after a warm-up,
+dense and sparse alternating. One thread by default: what each training worker uses here.
 
     .venv/bin/python benchmarks/attention.py                    # attention kernels
     .venv/bin/python benchmarks/attention.py --train-tokens     # + dalle-tiny training tokens/s
@@ -25,14 +26,17 @@ import torch
 from training.models.attention import KINDS, Layout, dense_attention, sparse_attention
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up: caches masks, allocator
-    times = []
+def _time_pair(first, second, repeats: int) -> tuple[float, float]:
+    """Median seconds of ``first`` and ``second``, run alternately so that load from other
+    processes hits both alike."""
+    first(), second()  # warm-up: caches masks and plans, the allocator
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, out in ((first, times[0]), (second, times[1])):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def attention_step(attend, q, k, v, kind, layout, kernel):
@@ -58,10 +62,10 @@ def bench_attention(args) -> None:
     q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3))
     print(f"{'kind':<8}{'dense ms':>10}{'sparse ms':>11}{'speed-up':>10}")
     for kind in KINDS:
-        kernel = args.kernel
-        dense = _time(attention_step(dense_attention, q, k, v, kind, layout, kernel), args.repeats)
-        sparse = _time(
-            attention_step(sparse_attention, q, k, v, kind, layout, kernel), args.repeats
+        dense, sparse = _time_pair(
+            attention_step(dense_attention, q, k, v, kind, layout, args.kernel),
+            attention_step(sparse_attention, q, k, v, kind, layout, args.kernel),
+            args.repeats,
         )
         print(f"{kind:<8}{dense * 1e3:>10.1f}{sparse * 1e3:>11.1f}{dense / sparse:>9.2f}x")
 
@@ -77,6 +81,7 @@ def bench_training(args) -> None:
         f"dalle-tiny training step, batch {args.train_batch} x {cfg.seq_len} tokens, fp32, "
         f"{torch.get_num_threads()} threads, AdamW, median of {args.repeats}"
     )
+    steps = {}
     for dense in (True, False):
         model = Dalle(cfg)
         model.set_dense_attention(dense)
@@ -87,11 +92,11 @@ def bench_training(args) -> None:
             dalle_loss(*model(text, image), text, image)["total"].backward()
             optimizer.step()
 
-        seconds = _time(step, args.repeats)
+        steps["dense" if dense else "sparse"] = step
+    timings = _time_pair(steps["dense"], steps["sparse"], args.repeats)
+    for name, seconds in zip(("dense", "sparse"), timings, strict=True):
         tokens = args.train_batch * cfg.seq_len / seconds
-        print(
-            f"{'dense' if dense else 'sparse':<8}{seconds * 1e3:>8.1f} ms/step {tokens:>10.0f} tokens/s"
-        )
+        print(f"{name:<8}{seconds * 1e3:>8.1f} ms/step {tokens:>10.0f} tokens/s")
 
 
 def main() -> None:
