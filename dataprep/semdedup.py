@@ -3,7 +3,8 @@
 1. Spherical k-means (faiss) on a sample of the normalised embeddings (at most
    ``max_points_per_centroid`` per centroid, as faiss would subsample anyway).
 2. Every embedding is assigned to its nearest centroid, streamed in blocks.
-3. Cluster by cluster, items in global order: an item is dropped when its cosine similarity to an
+3. Cluster by cluster, items in global order (items close to a boundary take part in their two
+   nearest clusters): an item is dropped when its cosine similarity to an
    item kept before it exceeds ``1 - eps``; it records that item. The first item of a group is
    therefore always the one kept (deterministic: lowest global index).
 
@@ -32,6 +33,9 @@ class SemanticConfig(BaseModel):
     enabled: bool = True
     eps: float = Field(0.005, gt=0, lt=1)  # drop when cosine similarity > 1 - eps
     cluster_size: int = Field(1000, ge=1)  # target items per cluster: k = ceil(n / cluster_size)
+    # An item whose second-nearest centroid is within this cosine margin of its nearest is also
+    # compared in that second cluster: fewer duplicate pairs split by a cluster boundary.
+    boundary_margin: float = Field(0.02, ge=0)
     kmeans_iterations: int = Field(20, ge=1)
     max_points_per_centroid: int = Field(256, ge=1)
     seed: int = 0
@@ -76,7 +80,8 @@ class ArraySource:
 class SemDedupResult:
     keep: np.ndarray  # bool [n]
     duplicate_of: np.ndarray  # int64 [n]: global index of the kept item it duplicates, or -1
-    cluster: np.ndarray  # int32 [n]
+    cluster: np.ndarray  # int32 [n]: nearest centroid
+    second: np.ndarray  # int32 [n]: second cluster it was also compared in, or -1
     clusters: int
 
 
@@ -107,27 +112,38 @@ def kmeans_centroids(source: EmbeddingSource, k: int, cfg: SemanticConfig) -> np
     return kmeans.centroids
 
 
-def assign(source: EmbeddingSource, centroids: np.ndarray) -> np.ndarray:
+def assign(
+    source: EmbeddingSource, centroids: np.ndarray, margin: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid of every item, and its second-nearest where that is within ``margin``
+    (else -1)."""
     import faiss
 
-    cluster = np.zeros(source.n, np.int32)
+    nearest = np.zeros(source.n, np.int32)
+    second = np.full(source.n, -1, np.int32)
     if len(centroids) == 1:
-        return cluster
+        return nearest, second
     index = faiss.IndexFlatIP(centroids.shape[1])
     index.add(centroids)
     start = 0
     for block in source.blocks(_ASSIGN_BLOCK):
-        _, nearest = index.search(_normalise(block), 1)
-        cluster[start : start + len(block)] = nearest[:, 0]
-        start += len(block)
-    return cluster
+        sims, ids = index.search(_normalise(block), 2)
+        stop = start + len(block)
+        nearest[start:stop] = ids[:, 0]
+        second[start:stop] = np.where(sims[:, 0] - sims[:, 1] <= margin, ids[:, 1], -1)
+        start = stop
+    return nearest, second
 
 
-def greedy_within(embeddings: np.ndarray, threshold: float) -> np.ndarray:
+def greedy_within(
+    embeddings: np.ndarray, threshold: float, dropped: np.ndarray | None = None
+) -> np.ndarray:
     """For rows in order: index of the earlier *kept* row it duplicates (similarity >
-    ``threshold``), or -1 if it is kept. Blockwise: memory ``_SIM_BUDGET`` floats at most."""
+    ``threshold``), or -1 if it is kept. ``dropped`` marks rows already dropped elsewhere (they
+    are skipped and drop nothing). Blockwise: at most ``_SIM_BUDGET`` similarities at a time."""
     n = len(embeddings)
     duplicate_of = np.full(n, -1, np.int64)
+    kept = np.ones(n, bool) if dropped is None else ~dropped
     block = max(1, _SIM_BUDGET // max(n, 1))
     candidates = []  # rows similar to *some* earlier row: only those can be dropped
     for start in range(0, n, block):
@@ -136,8 +152,9 @@ def greedy_within(embeddings: np.ndarray, threshold: float) -> np.ndarray:
         rows = np.arange(start, stop)[:, None]
         sims[np.arange(stop)[None, :] >= rows] = -np.inf  # only earlier rows
         candidates.extend(start + np.flatnonzero(sims.max(1) > threshold))
-    kept = np.ones(n, bool)
     for i in candidates:
+        if not kept[i]:
+            continue
         sims = embeddings[:i] @ embeddings[i]
         sims[~kept[:i]] = -np.inf
         j = int(np.argmax(sims))
@@ -151,15 +168,20 @@ def semantic_dedup(source: EmbeddingSource, cfg: SemanticConfig) -> SemDedupResu
     n = source.n
     k = max(1, -(-n // cfg.cluster_size))
     centroids = kmeans_centroids(source, k, cfg) if n else np.zeros((1, source.dim), np.float32)
-    cluster = assign(source, centroids)
+    nearest, second = assign(source, centroids, cfg.boundary_margin)
     duplicate_of = np.full(n, -1, np.int64)
-    order = np.argsort(cluster, kind="stable")  # members of each cluster stay in global order
+    # Members of each cluster in global order: nearest-centroid items plus boundary items.
+    index = np.concatenate([np.arange(n), np.flatnonzero(second >= 0)])
+    cluster = np.concatenate([nearest, second[second >= 0]])
+    order = np.lexsort((index, cluster))
     bounds = np.searchsorted(cluster[order], np.arange(len(centroids) + 1))
     for c in range(len(centroids)):
-        members = order[bounds[c] : bounds[c + 1]]
+        members = index[order[bounds[c] : bounds[c + 1]]]
         if len(members) < 2:
             continue
-        local = greedy_within(_normalise(source.take(members)), 1.0 - cfg.eps)
-        dropped = local >= 0
-        duplicate_of[members[dropped]] = members[local[dropped]]
-    return SemDedupResult(duplicate_of < 0, duplicate_of, cluster, len(centroids))
+        local = greedy_within(
+            _normalise(source.take(members)), 1.0 - cfg.eps, duplicate_of[members] >= 0
+        )
+        found = local >= 0
+        duplicate_of[members[found]] = members[local[found]]
+    return SemDedupResult(duplicate_of < 0, duplicate_of, nearest, second, len(centroids))

@@ -19,6 +19,7 @@ import io
 import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,16 +42,16 @@ class ScorerRecipe(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = "clip-tiny"
-    train_n: int = 4000
+    train_n: int = 2000
     train_seed: int = TRAIN_SEED
     image_size: int = 64  # as the crawl stores images (crawl.image_size)
-    steps: int = 400
-    batch_size: int = 256
+    steps: int = 200
+    batch_size: int = 128
     lr: float = 2e-3
-    warmup_steps: int = 30
+    warmup_steps: int = 20
     weight_decay: float = 0.1
     seed: int = 0
-    calibration_n: int = 1000
+    calibration_n: int = 600
     calibration_seed: int = CALIBRATION_SEED
 
 
@@ -86,7 +87,7 @@ def _lr_at(step: int, recipe: ScorerRecipe) -> float:
     return 0.5 * recipe.lr * (1 + math.cos(math.pi * progress))
 
 
-def train_clip_scorer(recipe: ScorerRecipe) -> ClipBundle:
+def train_clip_scorer(recipe: ScorerRecipe, log: Callable[[str], None] | None = None) -> ClipBundle:
     """Plain-torch contrastive training on pre-decoded images; returns the trained bundle."""
     torch.manual_seed(recipe.seed)
     bundle = create_clip(recipe.model)
@@ -108,6 +109,8 @@ def train_clip_scorer(recipe: ScorerRecipe) -> ClipBundle:
         loss.backward()
         optimizer.step()
         clamp_logit_scale(model)
+        if log is not None and (step + 1) % 50 == 0:
+            log(f"scorer step {step + 1}/{recipe.steps}: loss {loss.item():.3f}")
     model.eval()
     return bundle
 
@@ -169,12 +172,16 @@ def card_path(weights: str | Path) -> Path:
     return Path(f"{weights}.json")
 
 
-def train_scorer(weights: str | Path, recipe: ScorerRecipe | None = None) -> ScorerCard:
+def train_scorer(
+    weights: str | Path,
+    recipe: ScorerRecipe | None = None,
+    log: Callable[[str], None] | None = None,
+) -> ScorerCard:
     """Train, calibrate and save a scorer to ``weights`` (+ its card beside it)."""
     recipe = recipe or ScorerRecipe()
     weights = Path(weights)
     started = time.monotonic()
-    bundle = train_clip_scorer(recipe)
+    bundle = train_clip_scorer(recipe, log)
     train_s = time.monotonic() - started
     weights.parent.mkdir(parents=True, exist_ok=True)
     tmp = weights.with_name(f".{weights.name}.tmp")
@@ -191,7 +198,11 @@ def train_scorer(weights: str | Path, recipe: ScorerRecipe | None = None) -> Sco
     return card
 
 
-def ensure_scorer(weights: str | Path, recipe: ScorerRecipe | None = None) -> ScorerCard:
+def ensure_scorer(
+    weights: str | Path,
+    recipe: ScorerRecipe | None = None,
+    log: Callable[[str], None] | None = None,
+) -> ScorerCard:
     """The scorer at ``weights`` if it was made by ``recipe`` and is intact; else train it."""
     recipe = recipe or ScorerRecipe()
     card_file = card_path(weights)
@@ -199,7 +210,7 @@ def ensure_scorer(weights: str | Path, recipe: ScorerRecipe | None = None) -> Sc
         card = ScorerCard.model_validate_json(card_file.read_text())
         if card.recipe == recipe and card.sha256 == file_sha256(weights):
             return card
-    return train_scorer(weights, recipe)
+    return train_scorer(weights, recipe, log)
 
 
 def file_sha256(path: str | Path) -> str:

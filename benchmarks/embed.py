@@ -1,0 +1,167 @@
+"""Embedding stage throughput against the bare model forward, in the same run.
+
+Writes sample-web shards as the crawl stores them (64 px JPEGs, WebDataset tars, stats) into a
+local store and runs the filter stage on them (not timed). Then, alternating, for ``--repeats``
+rounds:
+
+- stage: ``embed_shard`` over every shard, what each Ray actor of the embed stage runs per shard:
+  read the tar from the store, decode, transform, forward image and text towers, write the
+  ``.npy`` files and the table;
+- forward: ``Embedder.forward`` on the same samples, already decoded and transformed in memory.
+
+It prints images/s of both (medians) and their ratio: the share of the model's speed the stage
+keeps, i.e. what reading, decoding and writing cost. Weights do not change the speed: the model is
+randomly initialised unless ``--weights`` is given.
+
+    .venv/bin/python benchmarks/embed.py                        # clip-tiny at 64 px
+    .venv/bin/python benchmarks/embed.py --model ViT-B-32 --shards 2 --per-shard 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dataprep.crawl import PLAN_KEY, CrawlPlan  # noqa: E402
+from dataprep.crawl_status import ShardStats  # noqa: E402
+from dataprep.embed import EMBED, EmbedConfig, Embedder, embed_shard  # noqa: E402
+from dataprep.filters import FilterConfig, filter_shards  # noqa: E402
+from dataprep.sampleweb.corpus import generate_corpus, render_image  # noqa: E402
+from dataprep.stages import Staging  # noqa: E402
+from dataprep.store import open_store  # noqa: E402
+from training.evaluate import crawl_border_resize  # noqa: E402
+
+
+def write_crawl(staging: Staging, shards: int, per_shard: int, size: int) -> list[tuple]:
+    """Crawl-like shards of clean sample-web images; returns every (jpeg, caption)."""
+    specs = generate_corpus(shards * per_shard, seed=7, fault_rates={})
+    samples = []
+    for shard in range(shards):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for i, spec in enumerate(specs[shard * per_shard : (shard + 1) * per_shard]):
+                key = f"{shard:05d}{i:04d}"
+                jpeg = crawl_border_resize(render_image(spec), size)
+                meta = {
+                    "url": f"http://x{spec.path}",
+                    "original_width": spec.width,
+                    "original_height": spec.height,
+                }
+                for ext, data in (
+                    ("jpg", jpeg),
+                    ("txt", spec.caption.encode()),
+                    ("json", json.dumps(meta).encode()),
+                ):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                samples.append((jpeg, spec.caption))
+        staging.store.put_bytes(staging.key("crawl", shard, "tar"), buf.getvalue())
+        stats = ShardStats(
+            shard=shard,
+            count=per_shard,
+            kept=per_shard,
+            by_status={},
+            by_reason={"success": per_shard},
+            duration_s=0,
+            tar_bytes=0,
+        )
+        staging.store.put_bytes(
+            staging.key("crawl", shard, "stats.json"), stats.model_dump_json().encode()
+        )
+    plan = CrawlPlan(
+        url_list="synthetic",
+        fingerprint="bench",
+        rows=len(samples),
+        samples_per_shard=per_shard,
+        shards=shards,
+        settings={},
+    )
+    staging.store.put_bytes(
+        f"{staging.prefix('crawl')}/{PLAN_KEY}", plan.model_dump_json().encode()
+    )
+    return samples
+
+
+def time_stage(staging: Staging, shards: int, embedder: Embedder, round_: int) -> float:
+    for key in staging.store.list(staging.prefix(EMBED) + "/"):
+        staging.store.delete(key)
+    started = time.perf_counter()
+    for shard in range(shards):
+        embed_shard(staging, shard, embedder, f"round-{round_}")
+    return time.perf_counter() - started
+
+
+def time_forward(embedder: Embedder, pixels: torch.Tensor, captions: list[str]) -> float:
+    batch = embedder.batch_size
+    started = time.perf_counter()
+    for i in range(0, len(captions), batch):
+        embedder.forward(pixels[i : i + batch], captions[i : i + batch])
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="clip-tiny")
+    p.add_argument("--weights", default=None, help="open_clip state dict (default: random init)")
+    p.add_argument("--image-size", type=int, default=64, help="size the crawl stores")
+    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--per-shard", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = args.weights
+        if weights is None:
+            from training.models.clip import create_clip
+
+            weights = f"{tmp}/random.pt"
+            torch.save(create_clip(args.model).model.state_dict(), weights)
+        staging = Staging(open_store(f"file://{tmp}/store"), "bench")
+        samples = write_crawl(staging, args.shards, args.per_shard, args.image_size)
+        filter_shards(staging, list(range(args.shards)), FilterConfig(min_image_side=0))
+        cfg = EmbedConfig(
+            model=args.model,
+            weights=weights,
+            batch_size=args.batch_size,
+            threads_per_worker=args.threads,
+        )
+        embedder = Embedder(cfg)
+        pixels = embedder.preprocess([jpeg for jpeg, _ in samples])
+        captions = [caption for _, caption in samples]
+        time_forward(embedder, pixels[: args.batch_size], captions[: args.batch_size])  # warm-up
+        stage_s, forward_s = [], []
+        for round_ in range(args.repeats):
+            stage_s.append(time_stage(staging, args.shards, embedder, round_))
+            forward_s.append(time_forward(embedder, pixels, captions))
+            print(
+                f"round {round_}: stage {len(samples) / stage_s[-1]:.0f} images/s, "
+                f"forward {len(samples) / forward_s[-1]:.0f} images/s",
+                flush=True,
+            )
+    stage = len(samples) / statistics.median(stage_s)
+    forward = len(samples) / statistics.median(forward_s)
+    print(
+        f"\n{args.model} at {args.image_size} px, {len(samples)} images, batch {args.batch_size}, "
+        f"{args.threads} threads, median of {args.repeats}:"
+    )
+    print(f"  embed stage (store -> decode -> model -> .npy): {stage:8.0f} images/s")
+    print(f"  model forward on pre-decoded tensors:            {forward:8.0f} images/s")
+    print(f"  ratio: {stage / forward:.2f} (target >= 0.8)")
+
+
+if __name__ == "__main__":
+    main()
