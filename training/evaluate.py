@@ -4,11 +4,17 @@ The sample web's classes are shape x colour (16, e.g. "red circle").  Its captio
 size, a position and a background, and the text tower learns those too, so a class prompt that
 leaves them out is off the caption distribution.  The zero-shot prompts are therefore full
 captions: every ``CAPTION_TEMPLATES`` entry filled with the class and with ``fillings``
-size/position/background combinations, and the class embedding is the renormalised mean over
-all of them (CLIP's prompt ensembling).  With ``fillings=None`` that is all 3*9*4 = 108
-combinations per template (648 prompts a class): the exact class centroid of the caption
-distribution.  The default, 16 per template, is a fixed seeded subset (different per template)
-that costs 7x less to encode and measured the same accuracy (see benchmarks/clip_recipe.py).
+size/position/background combinations (default all 3*9*4 = 108, so 648 prompts a class).
+
+Two ways to ensemble a class's prompts, both from the CLIP paper (section 3.1.4):
+- embedding space (``top1``; CLIP's choice): the class weight is the renormalised mean of its
+  prompt embeddings, one dot product per class;
+- probability space (``prob_ensemble_top1``): the model's own softmax over every prompt of
+  every class, at its learned temperature, summed per class, i.e. p(class | image) as the sum
+  of p(caption | image) over the class's captions.  CLIP chose embedding space because it
+  costs one classifier per class; with nuisance words in every caption (where a shape is, on
+  which background) a small model's caption embeddings are far from additive, and their
+  per-class mean loses most of what the model knows (see benchmarks/clip_recipe.py).
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ Template = str | Callable[[str], str]
 
 #: Held-out corpus seed; training corpora use other seeds (the demo serves seed 0).
 HELDOUT_SEED = 1000
-DEFAULT_FILLINGS = 16
+DEFAULT_FILLINGS: int | None = None  # all 108 size/position/background fillings
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,9 +111,32 @@ def classifier_from_prompts(
     renormalised.  Classes may have different numbers of prompts."""
     flat = [p for prompts in prompts_per_class for p in prompts]
     feats = encode_texts(model, tokenizer, flat)  # [P, D]
-    sizes = [len(prompts) for prompts in prompts_per_class]
-    centroids = torch.stack([f.mean(0) for f in feats.split(sizes)])  # [C, D]
+    return embedding_ensemble(feats, [len(prompts) for prompts in prompts_per_class])
+
+
+def embedding_ensemble(prompt_features: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """[D, C] from normalised prompt features [P, D] grouped by class (``sizes`` per class)."""
+    centroids = torch.stack([f.mean(0) for f in prompt_features.split(list(sizes))])  # [C, D]
     return F.normalize(centroids, dim=-1).T
+
+
+def probability_ensemble(
+    image_features: torch.Tensor,
+    prompt_features: torch.Tensor,
+    sizes: Sequence[int],
+    logit_scale: float,
+) -> torch.Tensor:
+    """p(class | image) [N, C]: the softmax over all prompts [P, D] at ``logit_scale``, summed
+    over each class's prompts (``sizes`` per class, in order)."""
+    logits = logit_scale * image_features.float() @ prompt_features.float().T  # [N, P]
+    probs = logits.softmax(dim=1)
+    return torch.stack([p.sum(1) for p in probs.split(list(sizes), dim=1)], dim=1)
+
+
+def logit_scale_of(model: nn.Module, max_scale: float = 100.0) -> float:
+    """The model's learned inverse temperature, clamped as in training."""
+    model = getattr(model, "module", model)
+    return min(float(model.logit_scale.detach().float().exp().reshape(-1)[0]), max_scale)
 
 
 def zero_shot_classifier(
@@ -135,8 +164,12 @@ def _topk_accuracy(
     image_features: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor
 ) -> dict[str, float]:
     logits = image_features @ classifier.float().to(image_features.device)  # [N, C]
-    labels = torch.as_tensor(labels).to(logits.device)
-    topk = logits.topk(min(5, logits.shape[1]), dim=1).indices  # [N, k]
+    return _topk_from_scores(logits, labels)
+
+
+def _topk_from_scores(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    labels = torch.as_tensor(labels).to(scores.device)
+    topk = scores.topk(min(5, scores.shape[1]), dim=1).indices  # [N, k]
     hits = topk == labels[:, None]
     return {"top1": hits[:, 0].float().mean().item(), "top5": hits.any(1).float().mean().item()}
 
@@ -278,8 +311,13 @@ def sampleweb_metrics(
     """Zero-shot top-1/top-5 and retrieval R@1/5/10 on preprocessed held-out images."""
     if prompts_per_class is None:
         prompts_per_class = sampleweb_zero_shot_setup()[1]
-    classifier = classifier_from_prompts(model, tokenizer, prompts_per_class)  # [D, C]
+    prompt_features = encode_texts(model, tokenizer, [p for ps in prompts_per_class for p in ps])
+    sizes = [len(prompts) for prompts in prompts_per_class]
+    classifier = embedding_ensemble(prompt_features, sizes)  # [D, C]
     image_features = encode_images(model, images)  # [N, D]
     text_features = encode_texts(model, tokenizer, captions)  # [N, D]
     metrics = _topk_accuracy(image_features, classifier, labels)
+    scale = logit_scale_of(model)
+    probs = probability_ensemble(image_features, prompt_features, sizes, scale)  # [N, C]
+    metrics |= {f"prob_ensemble_{k}": v for k, v in _topk_from_scores(probs, labels).items()}
     return metrics | retrieval_recall(image_features, text_features)

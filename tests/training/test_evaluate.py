@@ -10,8 +10,10 @@ from dataprep.sampleweb.corpus import COLOURS, SHAPES, generate_corpus, render_i
 from training.evaluate import (
     HELDOUT_SEED,
     crawl_border_resize,
+    embedding_ensemble,
     heldout_sampleweb,
     preprocess_images,
+    probability_ensemble,
     retrieval_recall,
     sampleweb_classnames,
     sampleweb_metrics,
@@ -42,7 +44,7 @@ def test_prompts_cover_all_16_classes():
     assert len(classnames) == len(set(classnames)) == 16 == len(prompts)
     for name, class_prompts in zip(classnames, prompts, strict=True):
         colour, shape = name.split()
-        assert len(class_prompts) == len(set(class_prompts)) == 6 * 16
+        assert len(class_prompts) == len(set(class_prompts)) == 6 * 3 * 9 * 4
         for prompt in class_prompts:
             words = prompt.replace(",", " ").replace(":", " ").replace("(", " ").split()
             assert colour in words and shape in words
@@ -79,6 +81,8 @@ def test_tiny_model_metrics_are_well_formed(tiny, heldout):
     for direction in ("image_to_text", "text_to_image"):
         recalls = [metrics[f"{direction}_R@{k}"] for k in (1, 5, 10)]
         assert 0 <= recalls[0] <= recalls[1] <= recalls[2] <= 1
+    for ensemble in ("", "prob_ensemble_"):
+        assert 0 <= metrics[f"{ensemble}top1"] <= metrics[f"{ensemble}top5"] <= 1
     assert tiny.model.training  # evaluation restored the mode
 
 
@@ -138,3 +142,25 @@ def test_border_resize_is_byte_identical_to_img2dataset(monkeypatch):
         for spec in specs:
             data = render_image(spec)
             assert crawl_border_resize(data, size) == resizer(io.BytesIO(data))[0]
+
+
+def test_probability_ensemble_sums_prompt_probabilities_per_class():
+    prompts = F.normalize(torch.randn(7, 8), dim=-1)
+    images = F.normalize(torch.randn(5, 8), dim=-1)
+    probs = probability_ensemble(images, prompts, [3, 4], logit_scale=10.0)
+    assert probs.shape == (5, 2)
+    assert torch.allclose(probs.sum(1), torch.ones(5), atol=1e-6)
+    full = (10.0 * images @ prompts.T).softmax(1)
+    assert torch.allclose(probs[:, 1], full[:, 3:].sum(1), atol=1e-6)
+
+
+def test_probability_ensemble_finds_the_class_when_the_embedding_mean_does_not():
+    # Class A: one prompt matches the image exactly, its others point elsewhere; class B's
+    # prompts all sit at a middling angle. The mean of A's prompts is far from the image
+    # (embedding space says B); the softmax mass says A.
+    image = torch.tensor([[1.0, 0.0, 0.0]])
+    a = F.normalize(torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [0, 1, 1]]), dim=-1)
+    b = F.normalize(torch.tensor([[0.8, 0.6, 0], [0.8, 0, 0.6]]), dim=-1)
+    prompts, sizes = torch.cat([a, b]), [4, 2]
+    assert (image @ embedding_ensemble(prompts, sizes)).argmax().item() == 1
+    assert probability_ensemble(image, prompts, sizes, logit_scale=20.0).argmax().item() == 0
