@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo ui test lint format bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/mmpipe demo
+
+ui: $(STAMP)
+	$(BIN)/mmpipe server start
 
 test: $(STAMP) lint
 	$(BIN)/pytest

@@ -17,7 +17,8 @@ SERVE_CONFIG = "configs/serve.yaml"
 
 def _prepare_environment() -> None:
     """Settings Prefect reads at import: keep its files in the state dir, no telemetry."""
-    os.environ.setdefault("PREFECT_HOME", str(state_dir() / "prefect"))
+    home = os.environ.setdefault("PREFECT_HOME", str(state_dir() / "prefect"))
+    Path(home).mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The ephemeral API's 20 s start-up limit is too short on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shlex
 import time
 import urllib.error
@@ -27,15 +26,20 @@ from pathlib import Path
 from pipelines.server import ConnectionProblem
 
 EXCLUDES = [
-    ".venv",
-    "state",
-    ".git",
+    "/.venv",
+    "/state",
+    "/.git",
     "**/__pycache__",
     ".pytest_cache",
     "*.egg-info",
     ".ruff_cache",
 ]
 JOB_ENV = {
+    # Ray's copy of the working dir is read-only: the job's scratch (Prefect's ephemeral
+    # database, work files) goes here; data and checkpoints go to the store.
+    "MMPIPE_STATE_DIR": "/tmp/mmpipe-job-state",
+    # The training driver's ray.init adds worker env vars; combine them with the job's.
+    "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1",
     "PYTHONUNBUFFERED": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "NO_ALBUMENTATIONS_UPDATE": "1",
@@ -53,12 +57,14 @@ class LaunchResult:
 
 
 def enable_token_auth() -> None:
-    """Send Ray's token when one is available here (Ray reads RAY_AUTH_MODE on each request)."""
-    if "RAY_AUTH_MODE" in os.environ:
-        return
-    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    if os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file():
-        os.environ["RAY_AUTH_MODE"] = "token"
+    """Send Ray's token when one is available here (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token), unless RAY_AUTH_MODE says otherwise. Ray caches the mode in its config:
+    its own helper sets the variable and refreshes that cache."""
+    from ray._private.authentication.authentication_token_setup import (
+        maybe_enable_token_auth_if_token_available,
+    )
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def check_dashboard(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> str:
@@ -91,16 +97,19 @@ def _unreachable(address: str, reason: str) -> ConnectionProblem:
 
 
 def connect(address: str):
-    from ray.job_submission import JobSubmissionClient
-
     check_dashboard(address)
     enable_token_auth()
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
     try:
         return JobSubmissionClient(address)
-    except (ConnectionError, RuntimeError) as err:
+    except (AuthenticationError, ConnectionError, RuntimeError) as err:
+        reason = str(err).splitlines()[0]
         raise ConnectionProblem(
-            f"the Ray cluster at {address} refused the connection: {err}. Fix: for a cluster "
-            "with token auth, export RAY_AUTH_TOKEN (the head's ~/.ray/auth_token)"
+            f"the Ray cluster at {address} refused the connection ({reason}). Fix: export "
+            "RAY_AUTH_TOKEN with the cluster's token (the head's ~/.ray/auth_token), or "
+            "RAY_AUTH_TOKEN_PATH with a file holding it"
         ) from None
 
 
@@ -149,9 +158,10 @@ def latest_checkpoint(cfg) -> str | None:
     store = cfg.store.open()
     prefix = f"{cfg.run_prefix()}/checkpoint_"
     try:
-        folders = {key.split("/")[2] for key in store.list(prefix)}
+        keys = store.list(prefix)
     except Exception:  # the cluster's store may be out of this machine's reach
         return None
+    folders = {parts[2] for key in keys if len(parts := key.split("/")) > 3}  # not files
     return store.uri(f"{cfg.run_prefix()}/{max(folders)}") if folders else None
 
 

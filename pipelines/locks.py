@@ -9,7 +9,7 @@ runs, `mmpipe build` by hand.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 LEASE_S = 300.0  # a dead holder's slot is free again after this long
 
@@ -37,11 +37,30 @@ def ensure_limit(name: str, slots: int = 1) -> None:
 @contextmanager
 def dataset_build_lock(dataset: str, timeout_s: float | None = None) -> Iterator[None]:
     """Hold the dataset's build slot; waits for a running build (TimeoutError after timeout_s)."""
-    from prefect.concurrency.sync import concurrency
-
     name = build_limit_name(dataset)
     ensure_limit(name)
-    with concurrency(
-        name, occupy=1, timeout_seconds=timeout_s, strict=True, lease_duration=LEASE_S
-    ):
+    with ExitStack() as held:
+        try:
+            held.enter_context(_slot(name, timeout_s=min(timeout_s or 1.0, 1.0)))
+        except TimeoutError:
+            _say(f"another build of {dataset} is running: waiting for it (limit {name})")
+            held.enter_context(_slot(name, timeout_s=timeout_s))
         yield
+
+
+def _slot(name: str, timeout_s: float | None):
+    from prefect.concurrency.sync import concurrency
+
+    return concurrency(
+        name, occupy=1, timeout_seconds=timeout_s, strict=True, lease_duration=LEASE_S
+    )
+
+
+def _say(message: str) -> None:
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        get_run_logger().warning(message)
+    except MissingContextError:
+        print(message)

@@ -104,10 +104,11 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
+def server_env(api_url: str) -> dict[str, str]:
     """The server's environment: its home and (unless Postgres is configured) SQLite in STATE."""
-    env = dict(os.environ if base is None else base)
+    env = dict(os.environ)
     env.pop("PREFECT_API_URL", None)  # the server is the API, it is not a client of one
+    env["PREFECT_UI_API_URL"] = api_url  # where the browser finds the API (default: port 4200)
     env["PREFECT_HOME"] = str(prefect_dir())
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     env.setdefault(
@@ -130,16 +131,17 @@ def start_server(host: str = "127.0.0.1", port: int = 4200, timeout_s: float = 9
     log = prefect_dir() / "server.log"
     prefect_cli = Path(sys.executable).parent / "prefect"
     cmd = [str(prefect_cli), "server", "start", "--host", host, "--port", str(port)]
+    api_url = f"http://{host}:{port}/api"
     with open(log, "ab") as log_file:
         proc = subprocess.Popen(
             cmd,
             stdout=log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=server_env(),
+            env=server_env(api_url),
             start_new_session=True,  # its own process group: survives the CLI, stops as one
         )
-    info = ServerInfo(pid=proc.pid, url=f"http://{host}:{port}/api", log=str(log))
+    info = ServerInfo(pid=proc.pid, url=api_url, log=str(log))
     _record_path().write_text(json.dumps(asdict(info)))
     _wait_healthy(proc, info, timeout_s)
     return info

@@ -16,6 +16,8 @@ import pytest
 
 from tests.conftest import free_port
 
+START_TIMEOUT_S = 300
+
 
 @dataclass(frozen=True)
 class PrefectServer:
@@ -37,7 +39,7 @@ class PrefectServer:
         return env | {"MMPIPE_STATE_DIR": str(self.state)} | extra
 
 
-def mmpipe(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
+def mmpipe(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pipelines.cli", *args],
         capture_output=True,
@@ -68,18 +70,21 @@ def using_api(url: str) -> Iterator[None]:
 def prefect_server(tmp_path_factory) -> Iterator[PrefectServer]:
     """`mmpipe server start` on a free loopback port in a temporary state dir; `stop` after."""
     state = tmp_path_factory.mktemp("ops-state")
+    config = state / "serve.yaml"
+    config.write_text(f"server:\n  startup_timeout_s: {START_TIMEOUT_S}\n")  # busy CI cores
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["MMPIPE_STATE_DIR"] = str(state)
-    started = mmpipe("server", "start", "--port", str(port), env=env)
-    assert started.returncode == 0, started.stdout + started.stderr
-    record = (state / "prefect" / "server.json").read_text()
-    server = PrefectServer(state, port, json.loads(record)["pid"])
     try:
+        cmd = ["server", "start", "--port", str(port), "--config", str(config)]
+        started = mmpipe(*cmd, env=env, timeout=START_TIMEOUT_S + 300)
+        assert started.returncode == 0, started.stdout + started.stderr
+        record = json.loads((state / "prefect" / "server.json").read_text())
+        server = PrefectServer(state, port, record["pid"])
         yield server
-    finally:
-        stopped = mmpipe("server", "stop", env=env, timeout=60)
-        deadline = time.monotonic() + 10
-        while alive(server.pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert stopped.returncode == 0 and not alive(server.pid), stopped.stderr
+    finally:  # also after a failed start: the server runs detached from `server start`
+        stopped = mmpipe("server", "stop", env=env, timeout=300)
+    deadline = time.monotonic() + 10
+    while alive(server.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert stopped.returncode == 0 and not alive(server.pid), stopped.stderr
