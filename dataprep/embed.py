@@ -44,7 +44,9 @@ class EmbedConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = "clip-tiny"  # an open_clip architecture (mmpipe's configs/models or built-in)
+    # An open_clip architecture (mmpipe's configs/models or a built-in such as ViT-B-32);
+    # clip-scorer-tiny is the scorer training.scorer trains for the sample web.
+    model: str = "clip-scorer-tiny"
     weights: str | None = None  # local open_clip state dict; required to build a dataset
     weights_sha256: str | None = None  # filled in by the build: the scorer's identity
     batch_size: int = Field(256, ge=1)

@@ -9,11 +9,14 @@ whose shape and colour both differ) give the threshold that separates them best.
 
 The weights are an open_clip state dict (``create_clip(name, pretrained=path)`` loads them);
 ``<path>.json`` beside them records the recipe, the weights' sha256 and the calibration.
-``ensure_scorer`` trains once and reuses the file while the recipe is unchanged.
+``ensure_scorer`` trains once and reuses the file while the recipe and the architecture
+(``configs/models/clip-scorer-tiny.json``, the first clip-tiny, kept fixed for the scorer) are
+unchanged.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import math
@@ -41,7 +44,7 @@ class ScorerRecipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = "clip-tiny"
+    model: str = "clip-scorer-tiny"  # configs/models: fixed, unlike the clip-tiny training recipe
     train_n: int = 2000
     train_seed: int = TRAIN_SEED
     image_size: int = 64  # as the crawl stores images (crawl.image_size)
@@ -59,6 +62,7 @@ class ScorerCard(BaseModel):
     """What a trained scorer is: its recipe, its weights and how its scores separate pairs."""
 
     recipe: ScorerRecipe
+    architecture: dict  # the open_clip model config the weights belong to
     weights: str  # local path of the open_clip state dict
     sha256: str
     threshold: float  # cosine score separating true from mismatched pairs on the calibration set
@@ -168,6 +172,16 @@ def calibrate(bundle: ClipBundle, recipe: ScorerRecipe) -> dict[str, float]:
     }
 
 
+def architecture(model: str) -> dict:
+    """The open_clip config of ``model``: a changed architecture invalidates trained weights."""
+    import open_clip
+
+    from training.models.clip import register_model_configs
+
+    register_model_configs()
+    return open_clip.get_model_config(model) or {}
+
+
 def card_path(weights: str | Path) -> Path:
     return Path(f"{weights}.json")
 
@@ -189,6 +203,7 @@ def train_scorer(
     tmp.replace(weights)
     card = ScorerCard(
         recipe=recipe,
+        architecture=architecture(recipe.model),
         weights=str(weights),
         sha256=file_sha256(weights),
         train_s=round(train_s, 1),
@@ -205,12 +220,17 @@ def ensure_scorer(
 ) -> ScorerCard:
     """The scorer at ``weights`` if it was made by ``recipe`` and is intact; else train it."""
     recipe = recipe or ScorerRecipe()
-    card_file = card_path(weights)
-    if card_file.is_file() and Path(weights).is_file():
-        card = ScorerCard.model_validate_json(card_file.read_text())
-        if card.recipe == recipe and card.sha256 == file_sha256(weights):
-            return card
-    return train_scorer(weights, recipe, log)
+    Path(weights).parent.mkdir(parents=True, exist_ok=True)
+    # One trainer at a time: a second caller waits, then finds the file made.
+    with open(f"{weights}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        card_file = card_path(weights)
+        if card_file.is_file() and Path(weights).is_file():
+            card = ScorerCard.model_validate_json(card_file.read_text())
+            same = (card.recipe, card.architecture) == (recipe, architecture(recipe.model))
+            if same and card.sha256 == file_sha256(weights):
+                return card
+        return train_scorer(weights, recipe, log)
 
 
 def file_sha256(path: str | Path) -> str:
