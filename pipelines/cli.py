@@ -45,10 +45,12 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     check_url_list(config.urls, config.crawl.url_col, config.crawl.caption_col)
 
-    summary = run_build(config)
+    result = run_build(config)
     from pipelines.console import print_crawl_summary
 
-    print_crawl_summary(config, summary)
+    print_crawl_summary(config, result.crawl)
+    if result.manifest_uri:
+        print(f"published {config.name}@{result.version}: {result.manifest_uri}")
     return 0
 
 
@@ -184,6 +186,39 @@ user jobs:
 """
 
 
+def _dataset_store(args: argparse.Namespace):
+    from dataprep.store import StoreConfig
+
+    return StoreConfig(url=args.store).open()
+
+
+def cmd_datasets_list(args: argparse.Namespace) -> int:
+    from dataprep.publish import list_datasets, read_manifest
+
+    store = _dataset_store(args)
+    published = list_datasets(store)
+    if not published:
+        print(f"no published datasets in {store.uri('datasets')}")
+    for name, version in published:
+        manifest = read_manifest(store, name, version)
+        print(
+            f"{name}@{version}  {manifest.samples} samples  {len(manifest.shards)} shards  "
+            f"{manifest.bytes / 1e6:.1f} MB  {manifest.created_at}"
+        )
+    return 0
+
+
+def cmd_datasets_show(args: argparse.Namespace) -> int:
+    from dataprep.publish import manifest_uri, read_manifest
+
+    name, _, version = args.dataset.partition("@")
+    store = _dataset_store(args)
+    manifest = read_manifest(store, name, version or None)
+    print(manifest_uri(store, manifest.name, manifest.version))
+    print(manifest.model_dump_json(indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmpipe",
@@ -237,6 +272,20 @@ def build_parser() -> argparse.ArgumentParser:
     show = config_sub.add_parser("show", help="print a config with defaults and overrides")
     with_config(show)
     show.set_defaults(func=cmd_config_show)
+
+    datasets = sub.add_parser("datasets", help="published dataset versions")
+    datasets_sub = datasets.add_subparsers(
+        dest="datasets_command", required=True, metavar="COMMAND"
+    )
+    for command, func, text in (
+        ("list", cmd_datasets_list, "every published NAME@VERSION"),
+        ("show", cmd_datasets_show, "the manifest of NAME[@VERSION] (default: latest)"),
+    ):
+        p = datasets_sub.add_parser(command, help=text)
+        if command == "show":
+            p.add_argument("dataset", metavar="NAME[@VERSION]")
+        p.add_argument("--store", help="store URL (default: store.url unset, STATE/store)")
+        p.set_defaults(func=func)
     _add_ops_commands(sub)
     return parser
 
@@ -288,13 +337,15 @@ def main(argv: list[str] | None = None) -> int:
     _prepare_environment()
     args = parse_args(build_parser(), argv)
     from dataprep.crawl import CrawlError
+    from dataprep.publish import PublishError
+    from dataprep.stages import StageError
     from dataprep.store import StoreError
     from dataprep.url_list import UrlListError
 
     try:
         _check_prefect_api(args)
         return args.func(args)
-    except (*USER_ERRORS, CrawlError, StoreError, UrlListError) as err:
+    except (*USER_ERRORS, CrawlError, StoreError, UrlListError, PublishError, StageError) as err:
         print(f"mmpipe: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

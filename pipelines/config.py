@@ -13,7 +13,12 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from dataprep.build import StagesConfig
 from dataprep.crawl import CrawlConfig
+from dataprep.dedup import DedupConfig
+from dataprep.embed import EmbedConfig, ScoreConfig
+from dataprep.filters import FilterConfig
+from dataprep.publish import PublishConfig
 from dataprep.store import StoreConfig
 
 
@@ -22,7 +27,8 @@ class ConfigError(ValueError):
 
 
 class BuildConfig(BaseModel):
-    """The `build-dataset` pipeline: URL list -> crawl (more stages to come)."""
+    """The `build-dataset` pipeline: URL list -> crawl -> filter -> embed + score -> dedup ->
+    publish."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -30,12 +36,27 @@ class BuildConfig(BaseModel):
     urls: str  # URL list: parquet, csv, tsv, jsonl or txt with `url` (+ `caption`) columns
     store: StoreConfig = StoreConfig()
     crawl: CrawlConfig = CrawlConfig()
+    filter: FilterConfig = FilterConfig()
+    embed: EmbedConfig = EmbedConfig()
+    score: ScoreConfig = ScoreConfig()
+    dedup: DedupConfig = DedupConfig()
+    publish: PublishConfig = PublishConfig()
+    crawl_only: bool = False  # stop after the crawl (no scorer needed)
     task_retries: int = Field(2, ge=0)
     task_retry_delay_s: float = Field(5.0, ge=0)
     concurrent_tasks: int = Field(1, ge=1)  # crawl tasks at once; each runs crawl.processes
 
     def staging_prefix(self) -> str:
         return f"staging/{self.name}/crawl"
+
+    def stages(self) -> StagesConfig:
+        return StagesConfig(
+            filter=self.filter,
+            embed=self.embed,
+            score=self.score,
+            dedup=self.dedup,
+            publish=self.publish,
+        )
 
 
 C = TypeVar("C", bound=BaseModel)

@@ -51,6 +51,8 @@ def run_demo(
     train_overrides: list[str] = (),
 ) -> int:
     """Crawl the sample web into shards, then (unless `train_config` is None) train CLIP on them."""
+    # The demo crawls and trains on the crawl output (publishing needs a scorer: issue 4 wiring).
+    overrides = ["crawl_only=true", *overrides]
     config = load_config(BuildConfig, config_path, overrides)  # fail fast, before the server
     train = _train_config(train_config, train_overrides, "file:///placeholder/")
     from pipelines.console import print_crawl_summary
@@ -63,7 +65,7 @@ def run_demo(
         config = load_config(BuildConfig, config_path, [*overrides, *serving])
         # The server's port, and so every URL, is new each run: start the demo build afresh.
         _remove(config.store.open(), f"staging/{config.name}/", "the previous demo build")
-        summary = run_build(config)
+        summary = run_build(config).crawl
     print_crawl_summary(config, summary)
     print(f"crawl finished after {time.monotonic() - started:.0f} s")
     if train is not None:

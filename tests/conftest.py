@@ -177,3 +177,19 @@ def sample_web(tmp_path_factory) -> Iterator[SampleWeb]:
     with SampleWebServer(specs, drip_max_s=30) as server:
         urls = write_url_list(specs, server, tmp_path_factory.mktemp("web") / "urls.parquet")
         yield SampleWeb(specs, server, str(urls))
+
+
+# --------------------------------------------------------------------------- CLIP scorer
+
+
+@pytest.fixture(scope="session")
+def clip_scorer(tmp_path_factory):
+    """A tiny CLIP trained on another seed of the sample web (training.scorer), calibrated.
+
+    Trained once per session; set MMPIPE_TEST_CACHE to a folder to reuse it across sessions.
+    """
+    from training.scorer import ScorerRecipe, ensure_scorer
+
+    cache = os.environ.get("MMPIPE_TEST_CACHE")
+    folder = Path(cache) if cache else tmp_path_factory.mktemp("scorer")
+    return ensure_scorer(folder / "clip-tiny-scorer.pt", ScorerRecipe())

@@ -37,6 +37,7 @@ def test_build_dataset_flow_crawls_and_reports(prefect_api, sample_web, tmp_path
     config = BuildConfig.model_validate(
         {
             "name": "flowtest",
+            "crawl_only": True,
             "urls": sample_web.urls,
             "store": {"url": f"file://{tmp_path / 'store'}"},
             "crawl": {
@@ -49,7 +50,7 @@ def test_build_dataset_flow_crawls_and_reports(prefect_api, sample_web, tmp_path
             },
         }
     )
-    summary = run_build(config)
+    summary = run_build(config).crawl
     assert summary.count == len(sample_web.specs) == sum(summary.by_reason.values())
     assert summary.shards == 4 and 0 < summary.kept < summary.count
 

@@ -1,0 +1,318 @@
+"""The build after the crawl, end to end on a crawled sample web: accounting, quality against the
+sample web's ground truth, resume after SIGKILL, S3, and clear errors on damaged inputs."""
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from dataprep.build import StagesConfig, build_after_crawl
+from dataprep.crawl import CrawlConfig, crawl_shards, prepare_crawl
+from dataprep.dedup import DedupConfig, dedup_shards
+from dataprep.filters import FilterConfig, filter_shards
+from dataprep.publish import list_datasets, read_manifest
+from dataprep.sampleweb import SampleWebServer, generate_corpus, write_url_list
+from dataprep.stages import KEPT, StageError, Staging
+from dataprep.store import open_store
+from dataprep.url_policy import UrlPolicy
+
+NAME = "qa"
+STAGES = ("filter", "embed", "score", "dedup")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_stops_after_module():
+    """Later test modules (training) start Ray with their own settings."""
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def quality_web(tmp_path_factory):
+    """1,000 samples, default fault mix (25 each of exact, near duplicates and mismatched)."""
+    specs = generate_corpus(1000, seed=5)
+    with SampleWebServer(specs, drip_max_s=30) as server:
+        urls = write_url_list(specs, server, tmp_path_factory.mktemp("qweb") / "urls.parquet")
+        yield specs, server, str(urls)
+
+
+def crawl_into(store, server, urls, work):
+    cfg = CrawlConfig(
+        image_size=64,
+        samples_per_shard=100,
+        processes=2,
+        threads=32,
+        timeout_s=5,
+        deadline_s=2,
+        min_image_size=16,
+        max_aspect_ratio=4,
+        policy=UrlPolicy(allow=[f"127.0.0.1:{server.port}"]),
+    )
+    prefix = f"staging/{NAME}/crawl"
+    plan = prepare_crawl(urls, store, prefix, cfg)
+    crawl_shards(plan, list(range(plan.shards)), store, prefix, cfg, work)
+    return plan
+
+
+def stages_config(scorer) -> StagesConfig:
+    return StagesConfig.model_validate(
+        {
+            "filter": {"min_image_side": 16, "max_aspect_ratio": 4},
+            "embed": {"model": scorer.recipe.model, "weights": scorer.weights},
+            "publish": {"samples_per_shard": 200},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def crawled(quality_web, tmp_path_factory):
+    specs, server, urls = quality_web
+    store = open_store(f"file://{tmp_path_factory.mktemp('qstore')}")
+    plan = crawl_into(store, server, urls, tmp_path_factory.mktemp("qwork"))
+    return specs, store, plan
+
+
+@pytest.fixture(scope="module")
+def built(crawled, clip_scorer, tmp_path_factory):
+    specs, store, plan = crawled
+    staging = Staging(store, NAME)
+    started = time.monotonic()
+    manifest = build_after_crawl(staging, stages_config(clip_scorer), tmp_path_factory.mktemp("w"))
+    print(f"build after crawl: {time.monotonic() - started:.1f} s")
+    return specs, staging, plan, manifest
+
+
+def final_outcomes(staging: Staging, shards) -> dict[str, dict]:
+    """crawl key -> {"url", "stage", "reason", "duplicate_of"} for every sample the crawl kept."""
+    out = {}
+    for shard in shards:
+        for row in staging.table("filter", shard).to_pylist():
+            out[row["key"]] = {"url": row["url"], "stage": "filter", "reason": row["reason"]}
+        for stage in STAGES[1:]:
+            for row in staging.table(stage, shard).to_pylist():
+                if row["reason"] != KEPT:
+                    out[row["key"]] |= {"stage": stage, "reason": row["reason"]}
+                    out[row["key"]]["duplicate_of"] = row.get("duplicate_of")
+    return out
+
+
+def spec_of(specs, outcome) -> dict:
+    by_path = {s.path: s for s in specs}
+    return {key: by_path["/" + o["url"].split("/", 3)[3]] for key, o in outcome.items()}
+
+
+# --------------------------------------------------------------------------- accounting
+
+
+def test_every_stage_accounts_for_its_input(built):
+    specs, staging, plan, manifest = built
+    stages = manifest.stages
+    assert stages["crawl"].count == len(specs)
+    previous = stages["crawl"]
+    for stage in STAGES:
+        summary = stages[stage]
+        assert summary.count == previous.kept == sum(summary.by_reason.values())
+        assert summary.kept == summary.by_reason.get(KEPT, 0)
+        for shard in range(plan.shards):
+            stats = staging.stats(stage, shard, _fp(staging, stage, shard))
+            assert stats is not None and sum(stats.by_reason.values()) == stats.count
+        previous = summary
+    assert manifest.samples == stages["dedup"].kept == sum(s.samples for s in manifest.shards)
+    every = final_outcomes(staging, range(plan.shards))
+    assert len(every) == stages["crawl"].kept  # each crawled sample ends kept or with one reason
+    assert sum(o["reason"] == KEPT for o in every.values()) == manifest.samples
+
+
+def _fp(staging, stage, shard) -> str:
+    raw = json.loads(staging.store.get_bytes(staging.key(stage, shard, "stats.json")))
+    return raw["fingerprint"]
+
+
+def test_published_shards_match_the_manifest(built):
+    _, staging, _, manifest = built
+    assert list_datasets(staging.store) == [(NAME, manifest.version)]
+    assert read_manifest(staging.store, NAME) == manifest
+    keys = []
+    for shard in manifest.shards:
+        data = staging.store.get_bytes(f"datasets/{NAME}/{manifest.version}/{shard.path}")
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (shard.bytes, shard.sha256)
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            names = tar.getnames()
+        samples = sorted({n.split(".")[0] for n in names})
+        assert len(samples) == shard.samples and len(names) == 3 * shard.samples
+        keys += samples
+    assert len(keys) == len(set(keys)) == manifest.samples
+    assert keys != sorted(keys), "shuffled across shards"
+    assert manifest.scorer.threshold > 0 and len(manifest.scorer.sha256) == 64
+
+
+def test_training_reads_the_manifest(built):
+    from training.data import DataConfig, resolve_shards
+
+    _, staging, _, manifest = built
+    uri = staging.store.uri(f"datasets/{NAME}/{manifest.version}/manifest.json")
+    shards = resolve_shards(DataConfig(source=uri))
+    assert [s.samples for s in shards] == [s.samples for s in manifest.shards]
+
+
+def test_rebuild_returns_the_published_version(built, clip_scorer, tmp_path):
+    _, staging, _, manifest = built
+    started = time.monotonic()
+    again = build_after_crawl(staging, stages_config(clip_scorer), tmp_path)
+    assert again == manifest
+    assert time.monotonic() - started < 60, "nothing recomputed"
+
+
+# --------------------------------------------------------------------------- quality
+
+
+def test_quality_against_ground_truth(built, clip_scorer):
+    specs, staging, plan, _ = built
+    outcome = final_outcomes(staging, range(plan.shards))
+    spec = spec_of(specs, outcome)
+    key_of = {s.key: k for k, s in spec.items()}
+    group = {k: s.duplicate_of or s.key for k, s in spec.items()}
+
+    # CLIP score: mismatched captions, among the pairs that reached the score stage
+    scored = {k for k, o in outcome.items() if o["stage"] != "filter" or o["reason"] == KEPT}
+    mismatched = {k for k in scored if spec[k].fault == "mismatched_caption"}
+    low = {k for k in scored if outcome[k]["reason"] == "low_clip_score"}
+    score_recall = len(low & mismatched) / len(mismatched)
+    score_precision = len(low & mismatched) / max(1, len(low))
+
+    # exact duplicates: every one dropped as such, or its original dropped in its favour
+    def collapsed(k, reasons):
+        original = key_of.get(spec[k].duplicate_of)
+        for a in (k, original):
+            o = outcome.get(a)
+            if o and o["reason"] in reasons and group.get(o.get("duplicate_of")) == group[k]:
+                return True
+        return False
+
+    exact = [k for k in scored if spec[k].fault == "exact_duplicate"]
+    exact_recall = np.mean([collapsed(k, {"exact_duplicate"}) for k in exact])
+
+    near_reasons = {"near_duplicate", "semantic_duplicate"}
+    near = [
+        k
+        for k in scored
+        if spec[k].fault == "near_duplicate" and key_of.get(spec[k].duplicate_of) in scored
+    ]
+    near_recall = np.mean([collapsed(k, near_reasons) for k in near])
+    near_dropped = [k for k, o in outcome.items() if o["reason"] in near_reasons]
+    near_precision = np.mean([group[outcome[k]["duplicate_of"]] == group[k] for k in near_dropped])
+
+    # clean, unique, well-captioned samples: dropped by any stage after the crawl
+    referenced = {s.duplicate_of for s in spec.values() if s.duplicate_of}
+    clean = [k for k, s in spec.items() if s.fault is None and s.key not in referenced]
+    clean_dropped = np.mean([outcome[k]["reason"] != KEPT for k in clean])
+    drops = Counter(outcome[k]["reason"] for k in clean if outcome[k]["reason"] != KEPT)
+
+    report = {
+        "score": (len(mismatched), round(score_recall, 3), round(score_precision, 3)),
+        "exact": (len(exact), float(exact_recall)),
+        "near": (len(near), round(float(near_recall), 3), round(float(near_precision), 3)),
+        "clean_dropped": (len(clean), round(float(clean_dropped), 4), dict(drops)),
+        "threshold": clip_scorer.threshold,
+    }
+    print("quality:", report)
+    assert score_recall >= 0.9 and score_precision >= 0.9, report
+    assert exact_recall == 1.0, report
+    assert clean_dropped <= 0.02, report
+    assert near_recall >= 0.9 and near_precision >= 0.95, report
+
+
+# --------------------------------------------------------------------------- resume, S3, errors
+
+BUILD_SCRIPT = """
+import json, sys
+from pathlib import Path
+from dataprep.build import StagesConfig, build_after_crawl
+from dataprep.stages import Staging
+from dataprep.store import open_store
+args = json.loads(sys.argv[1])
+staging = Staging(open_store(args["store"]), args["name"])
+build_after_crawl(staging, StagesConfig.model_validate(args["cfg"]), Path(args["work"]))
+"""
+
+
+def copy_crawl(source, target, name=NAME):
+    for key in source.list(f"staging/{name}/crawl/"):
+        target.put_bytes(key, source.get_bytes(key))
+
+
+def comparable(manifest) -> dict:
+    return manifest.model_dump(exclude={"created_at"})
+
+
+def test_killed_mid_stage_and_rerun_gives_the_same_manifest(built, clip_scorer, tmp_path):
+    _, staging, plan, reference = built
+    store_url = f"file://{tmp_path / 'store'}"
+    store = open_store(store_url)
+    copy_crawl(staging.store, store)
+    cfg = stages_config(clip_scorer)
+    args = {"store": store_url, "name": NAME, "cfg": cfg.model_dump(mode="json")}
+    args["work"] = str(tmp_path / "work")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BUILD_SCRIPT, json.dumps(args)], start_new_session=True
+    )
+    deadline = time.monotonic() + 120
+    while not store.exists(f"staging/{NAME}/filter/00000.stats.json"):
+        assert proc.poll() is None, "build ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = [k for k in store.list(f"staging/{NAME}/filter/") if k.endswith(".stats.json")]
+    assert 1 <= len(done) < plan.shards, "killed mid-stage"
+    assert list_datasets(store) == []
+
+    resumed = build_after_crawl(Staging(store, NAME), cfg, tmp_path / "work")
+    assert comparable(resumed) == comparable(reference)
+
+
+def test_build_in_s3(built, clip_scorer, s3_store, moto_s3, tmp_path):
+    _, staging, _, reference = built
+    copy_crawl(staging.store, s3_store)
+    manifest = build_after_crawl(Staging(s3_store, NAME), stages_config(clip_scorer), tmp_path)
+    assert comparable(manifest) == comparable(reference)
+    assert s3_store.exists(f"staging/{NAME}/embed/00000.image.npy")
+    from training.data import DataConfig, resolve_shards
+
+    uri = s3_store.uri(f"datasets/{NAME}/{manifest.version}/manifest.json")
+    shards = resolve_shards(DataConfig(source=uri), moto_s3.settings())
+    assert sum(s.samples for s in shards) == manifest.samples
+
+
+def test_corrupt_embeddings_and_missing_shards_are_named(built, tmp_path):
+    _, staging, plan, _ = built
+    store = open_store(f"file://{tmp_path / 'store'}")
+    for key in staging.store.list(f"staging/{NAME}/"):
+        store.put_bytes(key, staging.store.get_bytes(key))
+    copy = Staging(store, NAME)
+    score_fp = _fp(copy, "score", 0)
+
+    bad = copy.key("embed", 1, "image.npy")
+    store.put_bytes(bad, b"\x93NUMPY garbage")
+    with pytest.raises(StageError, match=f"corrupt embedding file {store.uri(bad)}"):
+        dedup_shards(copy, list(range(plan.shards)), DedupConfig(), score_fp + "x", tmp_path)
+    store.delete(bad)
+    with pytest.raises(StageError, match=f"embedding file not found: {store.uri(bad)}"):
+        dedup_shards(copy, list(range(plan.shards)), DedupConfig(), score_fp + "x", tmp_path)
+
+    missing = copy.key("crawl", 2, "tar")
+    store.delete(missing)
+    with pytest.raises(StageError, match=f"crawl shard not found: {store.uri(missing)}"):
+        filter_shards(copy, [2], FilterConfig(min_image_side=1))

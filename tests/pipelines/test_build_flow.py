@@ -1,0 +1,92 @@
+"""The full build-dataset flow on Prefect's ephemeral API: crawl -> filter -> embed + score ->
+dedup -> publish, with a task per stage and artifacts per stage."""
+
+import asyncio
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter
+from prefect.testing.utilities import prefect_test_harness
+
+from dataprep.publish import read_manifest
+from pipelines.cli import main
+from pipelines.config import BuildConfig
+from pipelines.flows import run_build
+
+NAME = "flowpub"
+STAGES = ("filter", "embed", "score", "dedup")
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+    import ray
+
+    ray.shutdown()
+
+
+async def read_run():
+    async with get_client() as client:
+        keys = [f"{NAME}-{s}-counts" for s in STAGES]
+        keys += [f"{NAME}-build-images", f"{NAME}-dataset-summary"]
+        artifacts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys))
+        )
+        flow_runs = await client.read_flow_runs()
+        task_runs = await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id={"any_": [r.id for r in flow_runs]})
+        )
+        return {a.key: a for a in artifacts}, task_runs
+
+
+@pytest.mark.slow
+def test_build_dataset_flow_publishes_and_reports(
+    prefect_api, sample_web, clip_scorer, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("MMPIPE_STATE_DIR", str(tmp_path / "state"))
+    store_url = f"file://{tmp_path / 'store'}"
+    config = BuildConfig.model_validate(
+        {
+            "name": NAME,
+            "urls": sample_web.urls,
+            "store": {"url": store_url},
+            "crawl": {
+                "image_size": 64,
+                "samples_per_shard": 60,
+                "shards_per_task": 2,
+                "threads": 16,
+                "deadline_s": 2,
+                "min_image_size": 16,
+                "max_aspect_ratio": 4,
+                "policy": {"allow": sample_web.allow()},
+            },
+            "filter": {"min_image_side": 16, "max_aspect_ratio": 4},
+            "embed": {"model": clip_scorer.recipe.model, "weights": clip_scorer.weights},
+            "publish": {"samples_per_shard": 50},
+        }
+    )
+    result = run_build(config)
+    manifest = read_manifest(config.store.open(), NAME)
+    assert result.manifest_uri == f"{store_url}/datasets/{NAME}/v1/manifest.json"
+    assert result.version == "v1" and manifest.samples == result.stages["dedup"].kept > 0
+    assert result.crawl.count == len(sample_web.specs)
+
+    artifacts, task_runs = asyncio.run(read_run())
+    names = {t.name.rsplit("-", 1)[0] for t in task_runs}
+    assert {"embed", "score", "dedup", "publish"} <= names
+    assert {"filter shards 00000-00001", "filter shards 00002-00003"} <= {t.name for t in task_runs}
+    for stage in STAGES:
+        rows = artifacts[f"{NAME}-{stage}-counts"].data
+        assert sum(r["count"] for r in rows) == result.stages[stage].count
+    images = artifacts[f"{NAME}-build-images"].data
+    assert images.count("](data:image/png;base64,") == 2
+    assert f"{store_url}/staging/{NAME}/report/score-histogram.png" in images
+    assert result.manifest_uri in artifacts[f"{NAME}-dataset-summary"].data
+
+    # the CLI lists and shows what was published
+    assert main(["datasets", "list", "--store", store_url]) == 0
+    assert main(["datasets", "show", f"{NAME}@v1", "--store", store_url]) == 0
+    out = capsys.readouterr().out
+    assert f"{NAME}@v1  {manifest.samples} samples" in out and result.manifest_uri in out
+    assert main(["datasets", "show", f"{NAME}@v9", "--store", store_url]) == 2
