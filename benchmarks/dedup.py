@@ -117,7 +117,7 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--brute-max", type=int, default=100_000, help="largest n checked all-pairs")
-    p.add_argument("--eps", type=float, default=0.005)
+    p.add_argument("--eps", type=float, default=0.001)
     p.add_argument("--cluster-size", type=int, default=1000)
     args = p.parse_args()
     cfg = SemanticConfig(eps=args.eps, cluster_size=args.cluster_size)

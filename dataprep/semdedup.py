@@ -31,7 +31,7 @@ class SemanticConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
-    eps: float = Field(0.005, gt=0, lt=1)  # drop when cosine similarity > 1 - eps
+    eps: float = Field(0.001, gt=0, lt=1)  # drop when cosine similarity > 1 - eps
     cluster_size: int = Field(1000, ge=1)  # target items per cluster: k = ceil(n / cluster_size)
     # An item whose second-nearest centroid is within this cosine margin of its nearest is also
     # compared in that second cluster: fewer duplicate pairs split by a cluster boundary.

@@ -134,8 +134,8 @@ def mismatched_captions(specs: list, seed: int) -> list[str]:
 
 
 def best_threshold(matched: torch.Tensor, mismatched: torch.Tensor) -> tuple[float, float]:
-    """(threshold, accuracy): the cut between the two score sets with the fewest errors, placed
-    halfway between the neighbouring scores."""
+    """(threshold, accuracy): the cut between the two score sets with the fewest errors; where
+    several cuts tie, halfway across the range they span (the widest margin)."""
     scores = torch.cat([matched, mismatched])
     is_match = torch.cat([torch.ones_like(matched), torch.zeros_like(mismatched)]).bool()
     order = scores.argsort()
@@ -144,10 +144,12 @@ def best_threshold(matched: torch.Tensor, mismatched: torch.Tensor) -> tuple[flo
     matches_below = torch.cumsum(is_match.long(), 0)
     mismatches_above = (~is_match).sum() - torch.cumsum((~is_match).long(), 0)
     errors = matches_below + mismatches_above
-    i = int(errors.argmin())
-    upper = scores[i + 1] if i + 1 < len(scores) else scores[i] + 1e-3
-    accuracy = 1.0 - float(errors[i]) / len(scores)
-    return float((scores[i] + upper) / 2), accuracy
+    best = torch.nonzero(errors == errors.min()).flatten()
+    # Among equally good cuts (a gap between the two sets), take the middle of the gap.
+    first, last = int(best[0]), int(best[-1])
+    upper = scores[last + 1] if last + 1 < len(scores) else scores[last] + 1e-3
+    accuracy = 1.0 - float(errors[first]) / len(scores)
+    return float((scores[first] + upper) / 2), accuracy
 
 
 def pair_scores(bundle: ClipBundle, images: list[Image.Image], captions: list[str]) -> torch.Tensor:
