@@ -18,11 +18,12 @@ from dataprep import build
 from dataprep.crawl import CrawlPlan, ShardStats, crawl_shards, prepare_crawl, summarize
 from dataprep.crawl_status import CrawlSummary
 from dataprep.filters import filter_fingerprint, filter_shard
-from dataprep.publish import manifest_uri
+from dataprep.publish import list_datasets, manifest_uri
 from dataprep.stages import StageStats, StageSummary, Staging
 from dataprep.state import state_dir
 from pipelines import build_report
 from pipelines.config import BuildConfig
+from pipelines.events import emit_dataset_published
 from pipelines.locks import dataset_build_lock
 from pipelines.report import crawl_markdown, reason_rows
 
@@ -200,9 +201,12 @@ def _build_after_crawl(config: BuildConfig, crawl_summary: CrawlSummary) -> Buil
     results.append(_retrying(embed_task, config)(config, results[-1]))
     results.append(_retrying(score_task, config)(config, results[-1]))
     results.append(_retrying(dedup_task, config)(config, results[-1]))
+    published_before = set(list_datasets(staging.store))
     manifest = _retrying(publish_task, config)(config, results)
     uri = manifest_uri(staging.store, manifest.name, manifest.version)
     _report_stages(config, staging, results, manifest, uri)
+    if (manifest.name, manifest.version) not in published_before:  # a rebuild emits nothing
+        emit_dataset_published(manifest.name, manifest.version, uri, samples=manifest.samples)
     return BuildResult(
         crawl=crawl_summary,
         stages={r.stage: r.summary for r in results[1:]},

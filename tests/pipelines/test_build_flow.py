@@ -2,15 +2,19 @@
 dedup -> publish, with a task per stage and artifacts per stage."""
 
 import asyncio
+import json
+import time
 
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter
+from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 from prefect.testing.utilities import prefect_test_harness
 
 from dataprep.publish import read_manifest
 from pipelines.cli import main
 from pipelines.config import BuildConfig
+from pipelines.events import DATASET_PUBLISHED, dataset_resource_id
 from pipelines.flows import run_build
 
 NAME = "flowpub"
@@ -24,6 +28,21 @@ def prefect_api():
     import ray
 
     ray.shutdown()
+
+
+async def published_events(timeout_s: float = 30.0) -> list:
+    """`mmpipe.dataset.published` events of NAME (the server persists events asynchronously)."""
+    deadline = time.monotonic() + timeout_s
+    event_filter = EventFilter(
+        event=EventNameFilter(name=[DATASET_PUBLISHED]),
+        resource=EventResourceFilter(id=[dataset_resource_id(NAME)]),
+    )
+    async with get_client() as client:
+        while True:
+            events = (await client.read_events(filter=event_filter, limit=10)).events
+            if events or time.monotonic() > deadline:
+                return events
+            await asyncio.sleep(1)
 
 
 async def read_run():
@@ -72,12 +91,16 @@ def test_build_dataset_flow_publishes_and_reports(
     assert result.version == "v1" and manifest.samples == result.stages["dedup"].kept > 0
     assert result.crawl.count == len(sample_web.specs)
 
+    [event] = asyncio.run(published_events())
+    assert event.payload["version"] == "v1" and event.payload["manifest_url"] == result.manifest_uri
+
     artifacts, task_runs = asyncio.run(read_run())
     names = {t.name.rsplit("-", 1)[0] for t in task_runs}
     assert {"embed", "score", "dedup", "publish"} <= names
     assert {"filter shards 00000-00001", "filter shards 00002-00003"} <= {t.name for t in task_runs}
     for stage in STAGES:
         rows = artifacts[f"{NAME}-{stage}-counts"].data
+        rows = json.loads(rows) if isinstance(rows, str) else rows  # the API returns JSON text
         assert sum(r["count"] for r in rows) == result.stages[stage].count
     images = artifacts[f"{NAME}-build-images"].data
     assert images.count("](data:image/png;base64,") == 2
