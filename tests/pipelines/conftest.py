@@ -59,11 +59,20 @@ def alive(pid: int) -> bool:
 
 @contextmanager
 def using_api(url: str) -> Iterator[None]:
-    """Point this process's Prefect client at `url`."""
+    """Point this process's Prefect client at `url`.
+
+    Prefect's events worker (which also carries task-run states) keeps the API it was started
+    with, so it is drained on the way in and out: later tests then get one for their own API.
+    """
+    from prefect.events.worker import EventsWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    EventsWorker.drain_all(timeout=30, at_exit=False)
     with temporary_settings(updates={PREFECT_API_URL: url}):
-        yield
+        try:
+            yield
+        finally:
+            EventsWorker.drain_all(timeout=30, at_exit=False)
 
 
 @pytest.fixture(scope="session")
