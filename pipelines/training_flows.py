@@ -81,9 +81,8 @@ def _run_name() -> str:
     return f"train {cfg.spec} {cfg.name}"
 
 
-@flow(name="train-clip", flow_run_name=_run_name)
-def train_clip(cfg: TrainConfig) -> dict:
-    """Train (or resume) a CLIP run on Ray + DeepSpeed, export its weights, report its curve."""
+def train_and_report(cfg: TrainConfig) -> dict:
+    """The body of every training flow: train (or resume), export, report the curve."""
     result = train_task(cfg)
     exported = export_task(cfg)
     rows = read_metrics(cfg.store.open(), cfg.run_prefix())
@@ -98,3 +97,9 @@ def train_clip(cfg: TrainConfig) -> dict:
         description=f"training run {cfg.name}",
     )
     return {"result": result.__dict__, "export": exported, "final": rows[-1] if rows else {}}
+
+
+@flow(name="train-clip", flow_run_name=_run_name)
+def train_clip(cfg: TrainConfig) -> dict:
+    """Train (or resume) a CLIP run on Ray + DeepSpeed, export its weights, report its curve."""
+    return train_and_report(cfg)
