@@ -6,6 +6,10 @@ The cluster's image provides Python and the pinned dependencies (infra/Dockerfil
 `python` on the head must be that interpreter; `--python` names another one. The training
 config is validated here first, so config errors fail before anything is uploaded.
 
+Training flows launch the config they were given, already resolved (`launch_resolved`): the
+job runs `python -m pipelines.launch <model> <config as JSON>`, which writes it to a YAML file
+on the head and runs `mmpipe train <model> --config` on it.
+
 Ray 2.60 clusters require a token: the client sends it when RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH
 or ~/.ray/auth_token provides one. Credentials for the store belong on the cluster (instance
 role, Kubernetes secret), not in the job: `--env` values are visible in Ray's dashboard.
@@ -16,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import json
 import shlex
+import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -121,14 +127,16 @@ def runtime_env(working_dir: Path, env: dict[str, str]) -> dict:
     }
 
 
-def entrypoint(command: list[str], python: str = "python") -> str:
-    return shlex.join([python, "-m", "pipelines.cli", *command])
+def entrypoint(command: list[str], python: str = "python", module: str = "pipelines.cli") -> str:
+    return shlex.join([python, "-m", module, *command])
 
 
-def submit(client, cfg, command: list[str], env: dict[str, str], working_dir: Path, python: str):
+def submit(
+    client, cfg, command: list[str], env: dict[str, str], working_dir: Path, python: str, module
+):
     job_id = f"mmpipe-{cfg.name}-{uuid.uuid4().hex[:8]}"
     return client.submit_job(
-        entrypoint=entrypoint(command, python),
+        entrypoint=entrypoint(command, python, module),
         runtime_env=runtime_env(working_dir, env),
         submission_id=job_id,
         metadata={"mmpipe.run": cfg.name, "mmpipe.model": cfg.spec},
@@ -173,10 +181,11 @@ def launch(
     working_dir: Path | None = None,
     python: str = "python",
     out=print,
+    module: str = "pipelines.cli",
 ) -> LaunchResult:
     """Submit `mmpipe <command>` (already validated into `cfg`) as a Ray Job and follow it."""
     client = connect(address)
-    job_id = submit(client, cfg, command, env or {}, working_dir or Path.cwd(), python)
+    job_id = submit(client, cfg, command, env or {}, working_dir or Path.cwd(), python, module)
     out(f"submitted Ray job {job_id} to {address}")
     try:
         stream_logs(client, job_id, out)
@@ -186,3 +195,48 @@ def launch(
     status = wait_terminal(client, job_id)
     checkpoint = latest_checkpoint(cfg) if status == "SUCCEEDED" else None
     return LaunchResult(job_id, status, cfg.store.open().uri(cfg.run_prefix()), checkpoint)
+
+
+# --- a resolved config, as the training flows launch it ---------------------------------------
+
+
+def project_root() -> Path:
+    """This project's folder (the job's working dir), wherever the flow runs from."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").exists() else Path.cwd()
+
+
+def job_config(cfg) -> dict:
+    """`cfg` as the job must see it. The store is named explicitly: unset, it would be the
+    job's scratch dir on the head. Ray is left to the job: `ray.init()` in a Ray Job joins the
+    job's own cluster, whatever address this side uses."""
+    # Keys stay out of the job (they would show in Ray's dashboard, and a SecretStr dumps
+    # masked): the cluster brings its own credentials.
+    s3 = cfg.store.s3.model_copy(update={"access_key_id": None, "secret_access_key": None})
+    store = cfg.store.model_copy(update={"url": cfg.store.open().root_uri, "s3": s3})
+    scale = cfg.scale.model_copy(update={"ray_address": None})
+    return cfg.model_copy(update={"store": store, "scale": scale}).model_dump(mode="json")
+
+
+def launch_resolved(address: str, cfg, env: dict[str, str] | None = None, out=print):
+    """Train `cfg` on the cluster at `address` as a Ray Job, the whole config travelling with
+    it (no config file needs to exist on the head)."""
+    command = [cfg.spec, json.dumps(job_config(cfg))]
+    return launch(address, command, cfg, env, project_root(), out=out, module="pipelines.launch")
+
+
+def run_job(argv: list[str]) -> int:
+    """In the job: `mmpipe train <model>` on the config given as JSON."""
+    import yaml
+
+    from pipelines.cli import main
+
+    model, config_json = argv
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="mmpipe-train-") as file:
+        yaml.safe_dump(json.loads(config_json), file)
+        file.flush()
+        return main(["train", model, "--config", file.name])
+
+
+if __name__ == "__main__":
+    sys.exit(run_job(sys.argv[1:]))

@@ -1,4 +1,9 @@
-"""Prefect flows that train models: thin wrappers over `training.engine`."""
+"""Prefect flows that train models: thin wrappers over `training.engine`.
+
+With `cluster_address` (a Ray dashboard URL), a flow trains on that cluster instead: a Ray Job
+runs the same `mmpipe train` on the resolved config (`pipelines.launch`), its logs stream into
+the flow's log, and the flow reports from the store the job wrote to.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
+from pipelines import launch as ray_job
 from pipelines.report import training_markdown
 from training.config import TrainConfig
 from training.engine import TrainResult, launch
@@ -25,8 +31,8 @@ POLL_S = 5.0
 class _Progress:
     """Tails the run's metrics.jsonl while training runs: Prefect logs and a progress bar."""
 
-    def __init__(self, cfg: TrainConfig, artifact_id):
-        self.cfg, self.artifact_id = cfg, artifact_id
+    def __init__(self, cfg: TrainConfig, artifact_id, log_rows: bool = True):
+        self.cfg, self.artifact_id, self.log_rows = cfg, artifact_id, log_rows
         self.logger = get_run_logger()
         self.seen = 0
         self.stop = threading.Event()
@@ -52,7 +58,7 @@ class _Progress:
         except Exception as err:  # monitoring must never fail the run
             self.logger.warning("cannot read metrics yet: %s", err)
             return
-        for row in rows[self.seen :]:
+        for row in rows[self.seen :] if self.log_rows else []:
             shown = ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float))
             self.logger.info("step %d: %s", row["step"], shown)
         self.seen = len(rows)
@@ -60,18 +66,51 @@ class _Progress:
             update_progress_artifact(self.artifact_id, 100.0 * rows[-1]["step"] / self.cfg.steps)
 
 
-@task(name="train", task_run_name="train {cfg.name}")
-def train_task(cfg: TrainConfig) -> TrainResult:
-    artifact = create_progress_artifact(
+def _progress_artifact(cfg: TrainConfig):
+    return create_progress_artifact(
         0.0, key=f"{cfg.name}-progress", description=f"training {cfg.name}: share of steps done"
     )
-    with _Progress(cfg, artifact):
+
+
+@task(name="train", task_run_name="train {cfg.name}")
+def train_task(cfg: TrainConfig) -> TrainResult:
+    with _Progress(cfg, _progress_artifact(cfg)):
         return launch(cfg)
+
+
+@task(name="launch", task_run_name="launch {cfg.name} on {address}")
+def launch_task(cfg: TrainConfig, address: str) -> TrainResult:
+    """Train on the Ray cluster at `address` as a Ray Job; fails when the job does."""
+    logger = get_run_logger()
+    # The job's own flow logs a line per step: here the metrics tail only moves the bar.
+    with _Progress(cfg, _progress_artifact(cfg), log_rows=False):
+        job = ray_job.launch_resolved(address, cfg, out=logger.info)
+    where = f"Ray job {job.job_id} on {address}"
+    if job.status != "SUCCEEDED":
+        raise RuntimeError(f"{where} ended {job.status} (its log is above)")
+    if job.checkpoint_uri is None:
+        raise RuntimeError(
+            f"{where} succeeded, but {job.run_uri} holds no checkpoint: the cluster and this "
+            "flow must share the store (store.url, e.g. s3://bucket/prefix)"
+        )
+    logger.info("%s succeeded; latest checkpoint %s", where, job.checkpoint_uri)
+    final = (read_metrics(cfg.store.open(), cfg.run_prefix()) or [{}])[-1]
+    return TrainResult(cfg.name, final.get("step", 0), final, job.checkpoint_uri, job.run_uri)
 
 
 @task(name="export", retries=2, retry_delay_seconds=5)
 def export_task(cfg: TrainConfig) -> str:
     return export_run(cfg)
+
+
+def job_export(cfg: TrainConfig) -> str:
+    """The weights a cluster job exported (its `mmpipe train` exports as a local run does):
+    consolidating them again here could need more memory than this machine has."""
+    store = cfg.store.open()
+    keys = sorted(store.list(f"{cfg.run_prefix()}/export/"))
+    if not keys:
+        raise FileNotFoundError(f"no exported weights under {store.uri(cfg.run_prefix())}")
+    return store.uri(keys[-1])
 
 
 def _run_name() -> str:
@@ -81,10 +120,15 @@ def _run_name() -> str:
     return f"train {cfg.spec} {cfg.name}"
 
 
-def train_and_report(cfg: TrainConfig) -> dict:
-    """The body of every training flow: train (or resume), export, report the curve."""
-    result = train_task(cfg)
-    exported = export_task(cfg)
+def train_and_report(cfg: TrainConfig, cluster_address: str | None = None) -> dict:
+    """The body of every training flow: train (or resume), export, report the curve; here, or
+    as a Ray Job on the cluster whose dashboard is `cluster_address` (http://HEAD:8265)."""
+    if cluster_address:
+        result = launch_task(cfg, cluster_address)
+        exported = job_export(cfg)
+    else:
+        result = train_task(cfg)
+        exported = export_task(cfg)
     rows = read_metrics(cfg.store.open(), cfg.run_prefix())
     evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
     if evals:
@@ -100,6 +144,7 @@ def train_and_report(cfg: TrainConfig) -> dict:
 
 
 @flow(name="train-clip", flow_run_name=_run_name)
-def train_clip(cfg: TrainConfig) -> dict:
-    """Train (or resume) a CLIP run on Ray + DeepSpeed, export its weights, report its curve."""
-    return train_and_report(cfg)
+def train_clip(cfg: TrainConfig, cluster_address: str | None = None) -> dict:
+    """Train (or resume) a CLIP run on Ray + DeepSpeed, export its weights, report its curve;
+    on the Ray cluster at `cluster_address` (its dashboard URL) if given."""
+    return train_and_report(cfg, cluster_address)

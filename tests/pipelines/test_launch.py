@@ -7,6 +7,7 @@ Ray on the machine). Its PATH starts with the venv, as a cluster image's does, s
 stays on: the client sends the token `ray start` keeps in ~/.ray/auth_token.
 """
 
+import asyncio
 import os
 import shutil
 import signal
@@ -21,11 +22,11 @@ from pathlib import Path
 import pytest
 
 from dataprep.store import open_store
-from pipelines.launch import check_dashboard
+from pipelines.launch import check_dashboard, connect
 from pipelines.server import ConnectionProblem
 from tests.conftest import free_port
 from tests.pipelines.conftest import mmpipe
-from tests.training.test_engine import write_shards
+from tests.training.test_engine import config, write_shards
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -36,6 +37,15 @@ def dashboard_answers(url: str) -> bool:
     except urllib.error.HTTPError:
         return True  # 401: up, and asking for the token
     except OSError:
+        return False
+    return True
+
+
+def jobs_api_answers(url: str) -> bool:
+    """The dashboard answers before its job API does: a submission then drops the connection."""
+    try:
+        connect(url).list_jobs()
+    except Exception:
         return False
     return True
 
@@ -80,10 +90,10 @@ def ray_head():
         )
     url = f"http://127.0.0.1:{dashboard}"
     try:
-        deadline = time.monotonic() + 120
-        while not dashboard_answers(url):
+        deadline = time.monotonic() + 300  # a busy 2-core machine
+        while not (dashboard_answers(url) and jobs_api_answers(url)):
             assert proc.poll() is None, (Path(temp) / "head.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the Ray dashboard did not come up in 120 s"
+            assert time.monotonic() < deadline, "the Ray job API did not come up in 300 s"
             time.sleep(1)
         yield url
     finally:
@@ -112,6 +122,48 @@ def test_launch_trains_on_the_cluster_and_reports_the_checkpoint(ray_head, tmp_p
     key = checkpoint.removeprefix(f"{store.root_uri}/")
     assert store.list(key + "/"), f"no files in {checkpoint}"
     assert store.exists("runs/launched/export/open_clip_pytorch_model.bin")
+
+
+async def flow_run_logs(flow_run_id) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    async with get_client() as client:
+        found = await client.read_logs(
+            LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return [log.message for log in found]
+
+
+@pytest.mark.slow
+def test_the_training_flow_launches_on_the_cluster_through_a_task(ray_head, tmp_path, monkeypatch):
+    from prefect.logging.handlers import APILogWorker
+    from prefect.testing.utilities import prefect_test_harness
+
+    from pipelines.training_flows import train_clip
+
+    monkeypatch.setenv("MMPIPE_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    store = open_store(f"file://{tmp_path}/store")
+    write_shards(store, "data")
+    run = {"name": "flowlaunched", "steps": 4, "log_every": 2, "checkpoint_every": 4}
+    cfg = config(store, f"{store.root_uri}/data/", **run)
+    with prefect_test_harness(server_startup_timeout=300):
+        state = train_clip(cfg, cluster_address=ray_head, return_state=True)
+        outcome = state.result()
+        APILogWorker.drain_all()
+        logs = "\n".join(asyncio.run(flow_run_logs(state.state_details.flow_run_id)))
+    assert "Running entrypoint for job mmpipe-flowlaunched-" in logs  # the job's log, streamed
+    assert "succeeded; latest checkpoint" in logs
+    checkpoint = outcome["result"]["checkpoint_uri"]
+    assert checkpoint.startswith(f"{store.root_uri}/runs/flowlaunched/checkpoint_")
+    assert store.list(checkpoint.removeprefix(f"{store.root_uri}/") + "/")
+    assert outcome["result"]["steps"] == 4 and outcome["final"]["step"] == 4
+    assert (
+        outcome["export"]
+        == f"{store.root_uri}/runs/flowlaunched/export/open_clip_pytorch_model.bin"
+    )
+    assert store.exists("runs/flowlaunched/export/open_clip_pytorch_model.bin")
 
 
 def test_a_refused_cluster_address_fails_fast_in_one_line(tmp_path):
