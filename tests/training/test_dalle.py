@@ -143,10 +143,10 @@ def test_kv_cache_steps_give_the_forward_logits():
 
 
 def test_dvae_and_transformer_must_agree_on_the_code_grid():
-    dvae = DVAE(DVAEConfig.named("dvae-tiny"))  # 4x4 codes from 512
+    dvae = DVAE(DVAEConfig.named("dvae-tiny"))  # 8x8 codes from 512
     check_compatible(tiny(), dvae)
-    with pytest.raises(ValueError, match="expects 8x8"):
-        check_compatible(tiny(image_grid=8), dvae)
+    with pytest.raises(ValueError, match="expects 4x4"):
+        check_compatible(tiny(image_grid=4), dvae)
 
 
 @pytest.fixture(scope="module")

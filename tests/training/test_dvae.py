@@ -83,12 +83,32 @@ def test_paper_shape_downsamples_8x_to_8192_codes():
     assert len(blocks) == 16 and all(b.post_gain == 1 / 8**2 for b in blocks)
 
 
+@pytest.mark.parametrize("downsampling", [2, 4, 8])
+def test_fewer_pooling_stages_give_a_finer_grid(downsampling):
+    cfg = DVAEConfig.named("dvae-tiny", downsampling=downsampling)
+    model = DVAE(cfg).eval()
+    images = torch.rand(2, 3, 32, 32)
+    assert model.encode(images).shape == (2, 32 // downsampling, 32 // downsampling)
+    assert model.decode(model.encode(images)).shape == images.shape
+    with pytest.raises(ValueError, match="downsampling must be 2, 4 or 8"):
+        DVAEConfig.named("dvae-tiny", downsampling=3)
+
+
+def test_convolutions_start_from_openais_initialisation():
+    torch.manual_seed(0)
+    model = DVAE(DVAEConfig.named("dvae-tiny", hidden=64))
+    conv = model.encoder.blocks.group_4.block_1.res_path[3]  # 16 x 16 x 3 x 3
+    fan_in = conv.weight[0].numel()
+    assert conv.weight.std().item() == pytest.approx(fan_in**-0.5, rel=0.05)
+    assert all(m.bias.abs().sum() == 0 for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+
+
 def test_encode_gives_argmax_codes_and_decode_gives_pixels():
     torch.manual_seed(0)
     model = DVAE(DVAEConfig.named("dvae-tiny")).eval()
     images = torch.rand(3, 3, 32, 32)
     codes = model.encode(images)
-    assert codes.shape == (3, 4, 4) and codes.dtype == torch.long
+    assert codes.shape == (3, 8, 8) and codes.dtype == torch.long
     assert torch.equal(codes, model.encoder(model.prepare(images)).argmax(1))
     pixels = model.decode(codes)
     assert pixels.shape == (3, 3, 32, 32) and pixels.min() >= 0 and pixels.max() <= 1
@@ -206,7 +226,7 @@ def test_zero2_resumes_from_its_checkpoint_and_continues_the_schedules(
     local_store.get_file(uri.removeprefix(local_store.root_uri + "/"), exported)
     model = load_dvae(exported)
     assert model.config == config
-    assert model.encode(torch.rand(1, 3, 32, 32)).shape == (1, 4, 4)
+    assert model.encode(torch.rand(1, 3, 32, 32)).shape == (1, 8, 8)
 
 
 def test_shards_get_code_sidecars_matching_the_dvae(local_store, tmp_path):
@@ -226,7 +246,7 @@ def test_shards_get_code_sidecars_matching_the_dvae(local_store, tmp_path):
     assert all(r.skipped == 0 and r.sidecar.endswith(".codes.npy") for r in results)
 
     codes = read_codes(results[0].sidecar)
-    assert len(codes) == PER_SHARD and codes["000000003"].shape == (4, 4)
+    assert len(codes) == PER_SHARD and codes["000000003"].shape == (8, 8)
     # the same codes as encoding the shard's decoded images directly
     transform = image_transform(32)
     path = local_store.root_uri.removeprefix("file://") + "/data/00000.tar"

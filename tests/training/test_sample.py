@@ -71,7 +71,7 @@ def test_generate_reranks_by_clip_and_writes_a_grid(models, tmp_path):
     results = generate(dalle, dvae, captions, Sampling(candidates=4, seed=5, top_k=100), clip)
     assert [r.caption for r in results] == captions
     for r in results:
-        assert r.images.shape == (4, 3, 32, 32) and r.codes.shape == (4, 4, 4)
+        assert r.images.shape == (4, 3, 32, 32) and r.codes.shape == (4, 8, 8)
         assert torch.equal(r.clip_scores, r.clip_scores.sort(descending=True).values)
         torch.testing.assert_close(r.clip_scores, clip_scores(clip, r.images, r.caption))
         torch.testing.assert_close(r.images, dvae.decode(r.codes))
@@ -93,4 +93,4 @@ def test_pipeline_loads_from_exported_checkpoints(models, tmp_path):
     a = sample_codes(dalle, text, s, torch.Generator().manual_seed(0))
     b = sample_codes(loaded_dalle, text, s, torch.Generator().manual_seed(0))
     assert torch.equal(a, b)
-    assert torch.equal(loaded_dvae.decode(a.view(1, 4, 4)), dvae.decode(a.view(1, 4, 4)))
+    assert torch.equal(loaded_dvae.decode(a.view(1, 8, 8)), dvae.decode(a.view(1, 8, 8)))

@@ -2,9 +2,10 @@
 
 Architecture (the paper's, as OpenAI released it): an encoder of 4 groups of bottleneck
 resblocks, widths ``hidden x (1, 2, 4, 8)``, with a 2x max-pool after each of the first three
-groups (8x downsampling), ending in a 1x1 convolution to K logits per grid cell; a decoder that
-mirrors it (1x1 convolution from K channels, 4 groups with 2x nearest upsampling after the first
-three, widths ``hidden x (8, 4, 2, 1)``). Every resblock adds ``post_gain x residual`` to its
+groups (8x downsampling; ``downsampling`` 4 or 2 pools fewer times, for small images), ending in
+a 1x1 convolution to K logits per grid cell; a decoder that mirrors it (1x1 convolution from K
+channels, 4 groups with 2x nearest upsampling after the first three, widths
+``hidden x (8, 4, 2, 1)``). Convolutions start from OpenAI's initialisation. Every resblock adds ``post_gain x residual`` to its
 identity path, with ``post_gain = 1 / (number of resblocks)^2``, which keeps a deep stack close to
 the identity at initialisation.
 
@@ -54,18 +55,27 @@ class DVAEConfig:
     temperature_start: float = 1.0
     temperature_end: float = 1 / 16
     temperature_steps: int = 150_000
-
-    DOWNSAMPLING = 8  # three 2x stages
+    # 2x pooling after the first log2(downsampling) groups: 8 in the paper; 4 gives small
+    # images a finer grid (32 px -> 8x8 codes)
+    downsampling: Literal[2, 4, 8] = 8
 
     def __post_init__(self) -> None:
-        if self.image_size % self.DOWNSAMPLING:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of 8")
+        if self.downsampling not in (2, 4, 8):
+            raise ValueError(f"downsampling must be 2, 4 or 8, not {self.downsampling}")
+        if self.image_size % self.downsampling:
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of {self.downsampling}"
+            )
         if self.reconstruction not in ("logit_laplace", "mse"):
             raise ValueError(f"unknown reconstruction {self.reconstruction!r}")
 
     @property
+    def scaling_stages(self) -> int:
+        return self.downsampling.bit_length() - 1  # 8 -> 3
+
+    @property
     def grid(self) -> int:
-        return self.image_size // self.DOWNSAMPLING
+        return self.image_size // self.downsampling
 
     @classmethod
     def from_dict(cls, args: dict[str, Any]) -> DVAEConfig:
@@ -164,7 +174,7 @@ class Encoder(nn.Module):
         n_in = cfg.hidden
         for g, width in enumerate(widths):
             layers = _group(EncoderBlock, n_in, width, cfg, n_layers)
-            if g < 3:
+            if g < cfg.scaling_stages:
                 layers.append(("pool", nn.MaxPool2d(2)))
             groups.append((f"group_{g + 1}", nn.Sequential(OrderedDict(layers))))
             n_in = width
@@ -187,7 +197,7 @@ class Decoder(nn.Module):
         n_in = cfg.decoder_init
         for g, width in enumerate(widths):
             layers = _group(DecoderBlock, n_in, width, cfg, n_layers)
-            if g < 3:
+            if g >= 3 - cfg.scaling_stages and g < 3:
                 layers.append(("upsample", nn.Upsample(scale_factor=2, mode="nearest")))
             groups.append((f"group_{g + 1}", nn.Sequential(OrderedDict(layers))))
             n_in = width
@@ -209,12 +219,22 @@ def _run(blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _init_conv(module: nn.Module) -> None:
+    """OpenAI's dVAE initialisation: weights N(0, 1 / fan_in), zero biases. PyTorch's default
+    (variance 1 / (3 fan_in)) shrinks the signal along the chain of 1x1 identity-path
+    convolutions, and a small dVAE then learns little beyond the mean image."""
+    if isinstance(module, nn.Conv2d):
+        nn.init.normal_(module.weight, std=1 / math.sqrt(module.weight[0].numel()))
+        nn.init.zeros_(module.bias)
+
+
 class DVAE(nn.Module):
     def __init__(self, cfg: DVAEConfig):
         super().__init__()
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
+        self.apply(_init_conv)
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         for module in self.modules():
