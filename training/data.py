@@ -10,7 +10,9 @@ The pipeline follows open_clip's ``get_wds_dataset`` and runs in each DataLoader
         drop incomplete          no image or no text: counted, dropped before anything costly
         shuffle                  buffer of ``shuffle_buffer`` samples, drained at the end of a pass
         fast-forward             resume: drop already-trained samples without decoding them
-        decode                   undecodable image or text: counted, dropped
+        decode                   undecodable image or text: counted, dropped (with
+                                 ``codes`` set: the sample's dVAE codes from its shard's
+                                 sidecar instead of the image; uncoded samples counted)
     batch                        transform per sample, tokenize per batch
     cut                          exactly this worker's quota of batches
 
@@ -61,12 +63,14 @@ import logging
 import random
 import re
 import tarfile
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from typing import Any, BinaryIO
 
 import braceexpand
+import numpy as np
 import pydantic
 import torch
 import webdataset as wds
@@ -86,6 +90,7 @@ _STATS_SUFFIX = ".stats.json"
 _META_FILE = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, not samples
 _IO_THREADS = 16  # concurrent stats reads / tar scans while resolving shards
 _LOGGED_SKIPS = 20  # per worker and epoch, then only every 1000th
+_SIDECARS_KEPT = 8  # code sidecars cached per worker (LRU)
 
 
 class DataError(RuntimeError):
@@ -107,6 +112,9 @@ class DataConfig(pydantic.BaseModel):
     image_key: str = "jpg;png;jpeg;webp"  # first extension present wins
     text_key: str = "txt"
     samples_per_epoch: int | None = pydantic.Field(None, ge=1)  # overrides the shard counts
+    # A folder of dVAE code sidecars (training/encode_codes.py: `<shard>.codes.npy` per shard):
+    # batches then carry each sample's codes (`codes`, [B, h, w] long) instead of an image.
+    codes: str | None = None
 
     @pydantic.field_validator("source")
     @classmethod
@@ -382,6 +390,9 @@ class _WorkerState:
     skipped: int = 0  # corrupt samples since the last batch
     skip_events: int = 0
     stores: dict[str, ObjectStore] = dataclasses.field(default_factory=dict)
+    sidecars: OrderedDict[str, dict[str, np.ndarray]] = dataclasses.field(
+        default_factory=OrderedDict
+    )
 
     def store(self, folder: str) -> ObjectStore:
         # Opened in the worker: an S3 client must not cross a fork.
@@ -400,6 +411,26 @@ class _WorkerState:
     def take_skipped(self) -> int:
         skipped, self.skipped = self.skipped, 0
         return skipped
+
+    def codes_of(self, folder: str, shard_uri: str) -> dict[str, np.ndarray]:
+        """The code sidecar of a shard, ``{key: [h, w] codes}``, read once per worker."""
+        if shard_uri in self.sidecars:
+            self.sidecars.move_to_end(shard_uri)
+        else:
+            from training.encode_codes import SUFFIX, read_codes
+
+            name = shard_uri.rpartition("/")[2].removesuffix(".tar") + SUFFIX
+            sidecar = f"{folder.rstrip('/')}/{name}"
+            try:
+                self.sidecars[shard_uri] = read_codes(sidecar, self.s3)
+            except StoreError as e:
+                raise DataError(
+                    f"no dVAE codes for {shard_uri}: {sidecar} cannot be read ({e}); encode the "
+                    "shards first (mmpipe encode-codes)"
+                ) from None
+            if len(self.sidecars) > _SIDECARS_KEPT:  # the shuffle buffer mixes a few shards
+                self.sidecars.popitem(last=False)
+        return self.sidecars[shard_uri]
 
 
 def _read_piece(
@@ -587,6 +618,13 @@ class _RankStream(IterableDataset):
             if sample.get("__fast_forwarded__"):
                 yield None
                 continue
+            if self.cfg.codes is not None:
+                codes = state.codes_of(self.cfg.codes, sample["__url__"]).get(sample["__key__"])
+                if codes is None:  # not coded: its image did not decode when encoded
+                    state.skip(1, f"sample {sample['__key__']} in {sample['__url__']}: no codes")
+                    continue
+                yield torch.from_numpy(codes.astype(np.int64)), sample["text"].decode("utf-8")
+                continue
             try:
                 # convert() forces the full decode here, so a truncated image fails here.
                 image = Image.open(io.BytesIO(sample["image"])).convert("RGB")
@@ -602,7 +640,7 @@ class _RankStream(IterableDataset):
         while True:  # samples never end: passes repeat until the quota is cut
             images, texts = zip(*itertools.islice(samples, self.batch_size), strict=True)
             yield {
-                "image": torch.stack(images),
+                "codes" if self.cfg.codes is not None else "image": torch.stack(images),
                 "text": self.tokenize(list(texts)),
                 "skipped": torch.tensor(state.take_skipped(), dtype=torch.long),
             }

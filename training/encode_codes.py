@@ -10,6 +10,10 @@ one call (``encode_shard``): any shard can be re-run alone; a sidecar is written
     from training.encode_codes import encode_shards, read_codes
     encode_shards(["file:///data/crawl/00000.tar"], "dvae.pt")
     codes = read_codes("file:///data/crawl/00000.codes.npy")   # {key: [h, w] int16}
+
+At scale, ``encode_dataset(EncodeConfig(...))`` runs one Ray task per shard (retried on
+failure), on a local Ray or a cluster; a transformer run reads the sidecars with
+``data.codes=<out>``.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from dataprep.store import ObjectStore, S3Settings, open_store
+from dataprep.store import ObjectStore, S3Settings, StoreConfig, open_store
 from training.models.dvae import DVAE
 
 SUFFIX = ".codes.npy"
@@ -129,3 +134,39 @@ def read_codes(sidecar_uri: str, s3: S3Settings | None = None) -> dict[str, np.n
     folder, name = _split(sidecar_uri)
     table = np.load(io.BytesIO(open_store(folder, s3).get_bytes(name)), allow_pickle=False)
     return {key.decode(): codes for key, codes in zip(table["key"], table["codes"], strict=True)}
+
+
+class EncodeConfig(BaseModel):
+    """Code a dataset's shards with an exported dVAE, one Ray task per shard."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str | list[str]  # as training's data.source: shards, pattern, folder/ or manifest
+    dvae_checkpoint: str  # an exported dvae.pt (path or URI)
+    out: str  # folder URI for the sidecars (codes depend on the dVAE: one folder per dVAE)
+    batch_size: int = Field(256, ge=1)
+    cpus_per_task: int = Field(1, ge=1)
+    max_retries: int = Field(2, ge=0)
+    ray_address: str | None = None  # None: a local Ray (or the one already running)
+    store: StoreConfig = StoreConfig()  # S3 settings for s3:// URIs
+
+
+def _encode_one(shard_uri: str, cfg_json: str) -> ShardCodes:
+    cfg = EncodeConfig.model_validate_json(cfg_json)
+    s3 = cfg.store.s3
+    return encode_shards([shard_uri], cfg.dvae_checkpoint, cfg.out, cfg.batch_size, s3)[0]
+
+
+def encode_dataset(cfg: EncodeConfig) -> list[ShardCodes]:
+    """Sidecars for every non-empty shard of ``cfg.source`` in ``cfg.out``, coded on Ray."""
+    import ray
+
+    from training.data import DataConfig, resolve_shards
+
+    found = resolve_shards(DataConfig(source=cfg.source), cfg.store.s3)
+    shards = [s.uri for s in found if s.samples != 0]
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=True)
+    task = ray.remote(num_cpus=cfg.cpus_per_task, max_retries=cfg.max_retries)(_encode_one)
+    cfg_json = cfg.model_dump_json()
+    return ray.get([task.remote(uri, cfg_json) for uri in shards])

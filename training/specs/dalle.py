@@ -1,8 +1,10 @@
-"""DALL-E transformer (stage 2) on captioned images, coded on the fly by a frozen dVAE.
+"""DALL-E transformer (stage 2) on captioned images coded by a frozen dVAE.
 
-Each worker loads the dVAE named by ``dvae_checkpoint`` once (an exported ``dvae.pt``: path,
-file:// or s3:// URI) and encodes each batch's images to argmax codes before the forward pass;
-the dVAE is not trained. Captions become BPE tokens with per-position pads
+Codes come from sidecars written ahead (``data.codes``: training/encode_codes.py, as the
+reproductions do: the dVAE runs once per image, not once per epoch) or, without them, from the
+dVAE on the fly: each worker loads the dVAE named by ``dvae_checkpoint`` once (an exported
+``dvae.pt``: path, file:// or s3:// URI) and encodes each batch's images to argmax codes before
+the forward pass. The dVAE is not trained; it also codes the held-out images of evaluations. Captions become BPE tokens with per-position pads
 (training/models/bpe.py), sized by the transformer's config.
 """
 
@@ -103,7 +105,15 @@ class DalleSpec(ModelSpec):
         )
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        codes = self.codes(batch["image"])
+        if "codes" in batch:  # sidecars: check they come from a dVAE of the same grid
+            codes = batch["codes"].flatten(1)
+            if codes.shape[1] != self._dvae.config.grid**2:
+                raise ValueError(
+                    f"data.codes holds {tuple(batch['codes'].shape[1:])} code grids but the "
+                    f"dVAE codes {self._dvae.config.grid}x{self._dvae.config.grid}"
+                )
+        else:
+            codes = self.codes(batch["image"])
         text_logits, image_logits = model(batch["text"], codes)
         return dalle_loss(text_logits, image_logits, batch["text"], codes)
 

@@ -1,0 +1,99 @@
+"""dVAE code sidecars: coded on Ray per shard, streamed by the loader, trained on by DALL-E."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from tests.training.test_dvae import PER_SHARD, SHARDS, tiny_config, write_shards
+from training.data import DataConfig, DataError, make_train_loader, resolve_shards
+from training.encode_codes import EncodeConfig, encode_dataset, read_codes, sidecar_dtype
+from training.engine import launch
+from training.models.dvae import DVAE, DVAEConfig
+from training.monitor import read_metrics
+from training.specs.dvae import save_dvae
+
+
+@pytest.fixture(scope="module")
+def dvae_checkpoint(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("dvae") / "dvae.pt"
+    return str(save_dvae(DVAE(DVAEConfig.named("dvae-tiny")), path))
+
+
+@pytest.fixture
+def ray_session():
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+def loader(data: DataConfig, batch_size: int = 32):
+    shards = resolve_shards(data)
+    return make_train_loader(
+        data, shards, rank=0, world_size=1, batch_size=batch_size,
+        image_transform=None, tokenize=lambda texts: torch.zeros(len(texts), 1),
+    )  # fmt: skip
+
+
+def test_dataset_is_coded_on_ray_and_the_loader_streams_the_codes(
+    local_store, dvae_checkpoint, ray_session
+):
+    data = write_shards(local_store, "data")
+    out = f"{local_store.root_uri}/codes/"
+    results = encode_dataset(EncodeConfig(source=data, dvae_checkpoint=dvae_checkpoint, out=out))
+    assert sorted(r.sidecar for r in results) == [
+        f"{local_store.root_uri}/codes/{i:05d}.codes.npy" for i in range(SHARDS)
+    ]
+    assert [r.samples for r in results] == [PER_SHARD] * SHARDS
+    codes = read_codes(results[0].sidecar) | read_codes(results[1].sidecar)
+
+    batches = list(loader(DataConfig(source=data, codes=out, workers=0, shuffle_buffer=0)))
+    assert len(batches) == SHARDS * PER_SHARD // 32
+    first = batches[0]
+    assert "image" not in first and first["codes"].shape == (32, 8, 8)
+    assert first["codes"].dtype == torch.long
+    # the loader's batch is made of the sidecar's codes (no shuffle: stream order of shard keys)
+    stream_codes = torch.cat([b["codes"] for b in batches])
+    sidecar_codes = {tuple(c.flatten().tolist()) for c in codes.values()}
+    assert {tuple(c.flatten().tolist()) for c in stream_codes} <= sidecar_codes
+
+
+def test_uncoded_samples_are_skipped_and_a_missing_sidecar_is_named(local_store, tmp_path):
+    data = write_shards(local_store, "data")
+    table = np.zeros(PER_SHARD - 5, dtype=sidecar_dtype(8))  # 5 samples of shard 0 not coded
+    table["key"] = [f"{0:05d}{i:04d}".encode() for i in range(5, PER_SHARD)]
+    for shard in range(SHARDS):
+        buffer = io.BytesIO()
+        np.save(buffer, table)
+        local_store.put_bytes(f"codes/{shard:05d}.codes.npy", buffer.getvalue())
+    # shard 1's sidecar holds shard 0's keys: every sample of shard 1 is uncoded
+    batches = loader(DataConfig(source=data, codes=f"{local_store.root_uri}/codes/", workers=0))
+    skipped = sum(int(b["skipped"]) for b in batches)
+    assert skipped >= 5 + PER_SHARD
+
+    local_store.delete_prefix("codes/")
+    with pytest.raises(DataError, match=r"no dVAE codes for .*00000.tar: .*00000.codes.npy"):
+        list(loader(DataConfig(source=data, codes=f"{local_store.root_uri}/codes/", workers=0)))
+
+
+@pytest.mark.slow
+def test_dalle_trains_from_sidecars(local_store, dvae_checkpoint, ray_session):
+    data = write_shards(local_store, "data")
+    out = f"{local_store.root_uri}/codes/"
+    encode_dataset(EncodeConfig(source=data, dvae_checkpoint=dvae_checkpoint, out=out))
+    cfg = tiny_config(
+        local_store,
+        data,
+        "configs/dalle-tiny.yaml",
+        name="dalle-codes",
+        dvae_checkpoint=dvae_checkpoint,
+        **{"data.codes": out, "optim.lr": 0.003},
+    )
+    result = launch(cfg)
+    assert result.steps == cfg.steps
+    rows = [r for r in read_metrics(local_store, cfg.run_prefix()) if "train/total" in r]
+    assert rows[-1]["train/image_ce"] < rows[0]["train/image_ce"] - 0.3, rows
+    assert all(r["data/skipped_samples"] == 0 for r in rows if "data/skipped_samples" in r)
