@@ -22,6 +22,11 @@ def _prepare_environment() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The ephemeral API's 20 s start-up limit is too short on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # Ray Train's placement-group cleaner asks the state API (the dashboard, off for local runs)
+    # every few seconds and warns each time it is not there; Ray reads this before import.
+    os.environ.setdefault(
+        "RAY_DEDUP_LOGS_SKIP_REGEX", "Failed to query Ray Train Controller actor state"
+    )
     if "PREFECT_API_URL" not in os.environ:  # a server from `mmpipe server start`, if it runs
         from pipelines.server import running_api_url
 
@@ -46,9 +51,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     check_url_list(config.urls, config.crawl.url_col, config.crawl.caption_col)
 
     result = run_build(config)
-    from pipelines.console import print_crawl_summary
+    from pipelines.console import print_build_summary, print_crawl_summary
 
     print_crawl_summary(config, result.crawl)
+    print_build_summary(result)
     if result.manifest_uri:
         print(f"published {config.name}@{result.version}: {result.manifest_uri}")
     return 0
@@ -72,27 +78,113 @@ def train_config_from_args(args: argparse.Namespace):
     return config
 
 
+def training_flow(model: str):
+    """The Prefect flow that trains `model`."""
+    if model == "clip":
+        from pipelines.training_flows import train_clip
+
+        return train_clip
+    from pipelines import dalle_flows
+
+    return {"dvae": dalle_flows.train_dvae, "dalle": dalle_flows.train_dalle}[model]
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     config = train_config_from_args(args)
     from pipelines.console import print_training_result
-    from pipelines.training_flows import train_clip
 
-    print_training_result(config, train_clip(config))
+    print_training_result(config, training_flow(args.model)(config))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from training.config import TrainConfig
+    from training.plan import format_plan, plan_memory
+
+    config = load_config(TrainConfig, args.config, args.overrides)
+    try:
+        plan = plan_memory(
+            config,
+            gpus=args.gpus,
+            gpu_mem_gb=args.gpu_mem,
+            gpus_per_node=args.gpus_per_node,
+            headroom=args.headroom,
+            config_name=args.config,
+            cpu_mem_gb=args.cpu_mem,
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    print(format_plan(plan))
+    return 0 if plan.verdict is not None else 1
+
+
+def generate_config_from_args(args: argparse.Namespace):
+    from training.generate import GenerateConfig
+
+    overrides = [
+        f"name={args.name}",
+        f"dalle_checkpoint={args.checkpoint}",
+        f"heldout={args.heldout}",
+        f"sampling.candidates={args.candidates}",
+        f"sampling.temperature={args.temperature}",
+        f"sampling.seed={args.seed}",
+    ]
+    for key, value in (
+        ("dvae_checkpoint", args.dvae),
+        ("clip_model", args.clip_model),
+        ("clip_weights", args.clip_weights),
+        ("sampling.top_k", args.top_k),
+        ("sampling.top_p", args.top_p),
+        ("store.url", args.store),
+    ):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    config = load_config(GenerateConfig, None, overrides)
+    return config.model_copy(update={"captions": list(args.captions)})
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    config = generate_config_from_args(args)
+    from pipelines.console import print_generation_report
+    from pipelines.dalle_flows import generate_dalle
+
+    print_generation_report(generate_dalle(config))
+    return 0
+
+
+def cmd_encode_codes(args: argparse.Namespace) -> int:
+    from training.encode_codes import EncodeConfig
+
+    overrides = [f"source={args.data}", f"dvae_checkpoint={args.dvae}", f"out={args.out}"]
+    config = load_config(EncodeConfig, None, [*overrides, *args.overrides])
+    from pipelines.dalle_flows import encode_codes
+
+    coded = encode_codes(config)
+    samples, skipped = sum(c.samples for c in coded), sum(c.skipped for c in coded)
+    print(f"coded {samples} samples of {len(coded)} shards ({skipped} without an image)")
+    print(f"sidecars in {config.out}: train with data.codes={config.out}")
+    return 0
+
+
+def cmd_scorer(args: argparse.Namespace) -> int:
+    from training.scorer import ensure_scorer
+
+    scorer = ensure_scorer(Path(args.out), log=print)
+    print(f"scorer: {scorer.weights} (calibrated threshold {scorer.threshold:.4f})")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipelines.demo import run_demo
+    from pipelines.demo import DemoConfigs, run_demo
 
-    train_config = None if args.no_train else args.train_config
-    return run_demo(
-        args.config,
-        args.overrides,
-        n=args.n,
-        seed=args.seed,
-        train_config=train_config,
-        train_overrides=args.train_set or [],
-    )
+    configs = DemoConfigs(clip=args.clip_config, dvae=args.dvae_config, dalle=args.dalle_config)
+    for item in args.set or []:
+        model, sep, override = item.partition(":")
+        if not sep or model not in ("clip", "dvae", "dalle"):
+            raise ConfigError(f"--set {item!r} must look like clip:steps=100 (clip, dvae, dalle)")
+        configs.overrides.setdefault(model, []).append(override)
+    until = "crawl" if args.no_train else args.until
+    return run_demo(args.config, args.overrides, args.n, args.seed, until, configs)
 
 
 def cmd_sampleweb_serve(args: argparse.Namespace) -> int:
@@ -181,7 +273,9 @@ DESCRIPTION = """From image URLs to trained CLIP and DALL-E models.
 
 user jobs:
   schedule dataset builds    mmpipe build (now), mmpipe serve (on schedules and events)
-  launch training runs       mmpipe train (here), mmpipe launch (on a Ray cluster)
+  launch training runs       mmpipe train clip|dvae|dalle (here), mmpipe launch (Ray cluster)
+  size a cluster             mmpipe plan --config configs/dalle-12b.yaml --gpus N --gpu-mem GB
+  draw images                mmpipe generate --checkpoint dalle.pt "a small red circle ..."
   monitor in the Prefect UI  mmpipe server start, then open the URL it prints
 """
 
@@ -237,21 +331,33 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=cmd_build, uses_prefect=True)
 
     train = sub.add_parser("train", help="train a model on Ray + DeepSpeed (flow train-MODEL)")
-    train.add_argument("model", choices=["clip"], help="what to train")
+    train.add_argument("model", choices=["clip", "dvae", "dalle"], help="what to train")
     with_config(train)
     train.add_argument("--data", help="training shards: URIs, brace pattern, folder/ or manifest")
     train.add_argument("--ray-address", help="Ray cluster address (default: a local Ray)")
     train.set_defaults(func=cmd_train, uses_prefect=True)
 
-    demo = sub.add_parser("demo", help="serve the sample web and build a dataset from it")
+    _add_model_commands(sub)
+
+    demo = sub.add_parser(
+        "demo", help="the whole pipeline on the sample web: build, CLIP, dVAE, DALL-E, samples"
+    )
     demo.add_argument("--config", default="configs/demo.yaml", help="YAML config file")
     demo.add_argument("--n", type=int, default=2000, help="sample web size")
     demo.add_argument("--seed", type=int, default=0, help="sample web seed")
-    demo.add_argument("--train-config", default="configs/clip-tiny.yaml", help="CLIP config")
     demo.add_argument(
-        "--train-set", action="append", metavar="KEY=VALUE", help="override in the CLIP config"
+        "--until",
+        choices=["crawl", "build", "clip", "all"],
+        default="all",
+        help="stop after the crawl, the published build, CLIP, or (all) the DALL-E samples",
     )
-    demo.add_argument("--no-train", action="store_true", help="crawl only")
+    demo.add_argument("--no-train", action="store_true", help="crawl only (--until crawl)")
+    demo.add_argument("--clip-config", default="configs/clip-tiny.yaml")
+    demo.add_argument("--dvae-config", default="configs/dvae-tiny.yaml")
+    demo.add_argument("--dalle-config", default="configs/dalle-tiny.yaml")
+    demo.add_argument(
+        "--set", action="append", metavar="MODEL:KEY=VALUE", help="e.g. --set dalle:steps=100"
+    )
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="build config overrides")
     demo.set_defaults(func=cmd_demo, uses_prefect=True)
 
@@ -288,6 +394,48 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
     _add_ops_commands(sub)
     return parser
+
+
+def _add_model_commands(sub) -> None:
+    plan = sub.add_parser("plan", help="per-GPU memory of a training config: which ZeRO fits")
+    arg = plan.add_argument
+    arg("--config", required=True, help="training YAML config")
+    arg("--gpus", type=int, required=True, help="GPUs in the run")
+    arg("--gpu-mem", type=float, required=True, help="memory per GPU, GB")
+    arg("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    arg("--cpu-mem", type=float, help="host memory per node, GB (offload checks)")
+    arg("--headroom", type=float, default=0.9, help="usable share of GPU memory")
+    arg("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    plan.set_defaults(func=cmd_plan)
+
+    gen = sub.add_parser("generate", help="images from captions with DALL-E, re-ranked by CLIP")
+    gen.add_argument("captions", nargs="*", metavar="CAPTION", help="captions to draw")
+    gen.add_argument("--checkpoint", required=True, help="exported dalle.pt (path or URI)")
+    gen.add_argument("--dvae", help="dVAE export (default: the one the checkpoint names)")
+    gen.add_argument("--clip-model", help="re-ranking CLIP architecture, e.g. clip-tiny")
+    gen.add_argument("--clip-weights", help="its open_clip weights (path or URI)")
+    gen.add_argument("--candidates", type=int, default=8, help="samples per caption")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, help="sample from the k likeliest codes")
+    gen.add_argument("--top-p", type=float, help="sample from the nucleus of this mass")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--heldout", type=int, default=0, help="add N held-out sample-web captions")
+    gen.add_argument("--name", default="samples", help="results go to STORE/samples/NAME/")
+    gen.add_argument("--store", help="store URL (default: STATE/store)")
+    gen.set_defaults(func=cmd_generate, uses_prefect=True)
+
+    enc = sub.add_parser("encode-codes", help="dVAE codes of a dataset's shards, for DALL-E")
+    enc.add_argument("--dvae", required=True, help="exported dvae.pt (path or URI)")
+    enc.add_argument("--data", required=True, help="shards: URIs, pattern, folder/ or manifest")
+    enc.add_argument("--out", required=True, help="folder URI for the .codes.npy sidecars")
+    enc.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. batch_size=512")
+    enc.set_defaults(func=cmd_encode_codes, uses_prefect=True)
+
+    scorer = sub.add_parser("scorer", help="train (once) the sample web's CLIP scorer")
+    scorer.add_argument(
+        "--out", default=str(state_dir() / "cache" / "scorer" / "clip-scorer-tiny.pt")
+    )
+    scorer.set_defaults(func=cmd_scorer)
 
 
 def _add_ops_commands(sub) -> None:

@@ -1,4 +1,10 @@
-"""`mmpipe demo`: serve the sample web on loopback, build a dataset from it, stop the server."""
+"""`mmpipe demo`: the whole pipeline on the synthetic sample web, on 2 CPU cores.
+
+Serve the sample web on loopback, build and publish a dataset from it (crawl, filters, CLIP
+score with a scorer trained once and cached, dedup, publish), train CLIP, the dVAE and DALL-E on
+the published version through their Prefect flows, and draw held-out captions with DALL-E,
+re-ranked by the CLIP it trained.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +13,36 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dataprep.state import state_dir
 from pipelines.config import BuildConfig, load_config
 
 READY_TIMEOUT_S = 120.0
-#: The demo's CLIP schedule: about 3 minutes on 2 cores (the full recipe, configs/clip-tiny.yaml,
-#: trains 500 steps on a 12,000-URL crawl; see the README).
-DEMO_CLIP_SCHEDULE = [
-    "steps=150",
-    "eval.every_steps=50",
-    "checkpoint_every=50",
-    "optim.warmup_steps=20",
-]
+#: Where the demo stops: after the crawl, the published build, CLIP, or (all) DALL-E samples.
+UNTIL = ("crawl", "build", "clip", "all")
+SCORER_PATH = ("cache", "scorer", "clip-scorer-tiny.pt")  # under the state dir
+#: Short schedules that keep the whole demo near 10 minutes on 2 cores (the configs hold the
+#: full recipes; see the README).
+DEMO_SCHEDULES = {
+    "clip": ["steps=150", "eval.every_steps=50", "checkpoint_every=50", "optim.warmup_steps=20"],
+    "dvae": [],  # configs/dvae-tiny.yaml as it is: 600 steps
+    "dalle": ["steps=300", "eval.every_steps=100", "checkpoint_every=100"],
+}
+#: Held-out captions drawn at the end, and candidates per caption re-ranked by the demo's CLIP.
+DEMO_CAPTIONS = 32
+DEMO_CANDIDATES = 8
+
+
+@dataclass
+class DemoConfigs:
+    """The training configs the demo runs (each with the demo's schedule and run name)."""
+
+    clip: str = "configs/clip-tiny.yaml"
+    dvae: str = "configs/dvae-tiny.yaml"
+    dalle: str = "configs/dalle-tiny.yaml"
+    overrides: dict[str, list[str]] = field(default_factory=dict)  # model -> KEY=VALUE
 
 
 @contextmanager
@@ -55,50 +77,133 @@ def run_demo(
     overrides: list[str],
     n: int,
     seed: int,
-    train_config: str | None = "configs/clip-tiny.yaml",
-    train_overrides: list[str] = (),
+    until: str = "all",
+    configs: DemoConfigs | None = None,
 ) -> int:
-    """Crawl the sample web into shards, then (unless `train_config` is None) train CLIP on them."""
-    # The demo crawls and trains on the crawl output (publishing needs a scorer: issue 4 wiring).
-    overrides = ["crawl_only=true", *overrides]
-    config = load_config(BuildConfig, config_path, overrides)  # fail fast, before the server
-    train = _train_config(train_config, train_overrides, "file:///placeholder/")
-    from pipelines.console import print_crawl_summary
-    from pipelines.flows import run_build
-
+    """Crawl the sample web, publish a dataset, train CLIP, the dVAE and DALL-E on it, draw."""
+    configs = configs or DemoConfigs()
+    if until not in UNTIL:
+        raise ValueError(f"until must be one of {UNTIL}, not {until!r}")
     started = time.monotonic()
-    with sample_web(n, seed, state_dir() / "sampleweb") as web:
-        print(f"sample web: {web['n']} samples at {web['base_url']}")
-        serving = [f"urls={web['urls']}", f"crawl.policy.allow=['127.0.0.1:{web['port']}']"]
-        config = load_config(BuildConfig, config_path, [*overrides, *serving])
-        # The server's port, and so every URL, is new each run: start the demo build afresh.
-        _remove(config.store.open(), f"staging/{config.name}/", "the previous demo build")
-        summary = run_build(config).crawl
-    print_crawl_summary(config, summary)
-    print(f"crawl finished after {time.monotonic() - started:.0f} s")
-    if train is not None:
-        store = config.store.open()
-        shards = store.uri(config.staging_prefix()) + "/"
-        train = _train_config(train_config, train_overrides, shards)
-        _remove(store, f"{train.run_prefix()}/", "the previous demo training run")
-        from pipelines.console import print_training_result
-        from pipelines.training_flows import train_clip
-
-        print(f"training {train.model} for {train.steps} steps on {shards}")
-        print_training_result(train, train_clip(train))
-    print(f"demo finished in {time.monotonic() - started:.0f} s")
+    build_overrides = ["crawl_only=true"] if until == "crawl" else _scorer_overrides()
+    config = load_config(BuildConfig, config_path, [*build_overrides, *overrides])
+    placeholder = "file:///placeholder/manifest.json"
+    runs = {m: _train_config(m, configs, placeholder) for m in _models(until)}  # fail fast
+    manifest = _build(config, n, seed)
+    _lap(started, "build")
+    if until in ("crawl", "build"):
+        return 0
+    exports = {}
+    for model in runs:
+        extra = []
+        if model == "dalle":  # the transformer reads the dVAE's codes, coded once
+            codes = _encode(exports["dvae"], manifest, runs["dvae"])
+            extra = [f"dvae_checkpoint={exports['dvae']}", f"data.codes={codes}"]
+            _lap(started, "codes")
+        cfg = _train_config(model, configs, manifest, extra)
+        exports[model] = _train(model, cfg)
+        _lap(started, model)
+    if until == "all":
+        clip = runs["clip"]
+        _generate(exports["dalle"], clip.model, exports["clip"])
+        _lap(started, "samples")
     return 0
 
 
-def _train_config(path: str | None, overrides, shards: str):
-    if path is None:
-        return None
+def _models(until: str) -> list[str]:
+    return {"crawl": [], "build": [], "clip": ["clip"], "all": ["clip", "dvae", "dalle"]}[until]
+
+
+def _lap(started: float, what: str) -> None:
+    print(f"[demo] {what} done at {time.monotonic() - started:.0f} s")
+
+
+def _scorer_overrides() -> list[str]:
+    """The build's CLIP scorer: trained once (a minute or two), then reused from the cache."""
+    from training.scorer import ensure_scorer
+
+    path = state_dir().joinpath(*SCORER_PATH)
+    print(f"[demo] CLIP scorer for the build: {path} (trained on first use)")
+    scorer = ensure_scorer(path, log=lambda line: print(f"[scorer] {line}"))
+    return [f"embed.model={scorer.recipe.model}", f"embed.weights={scorer.weights}"]
+
+
+def _build(config: BuildConfig, n: int, seed: int) -> str | None:
+    """Serve the sample web, run build-dataset on it; the published manifest's URI."""
+    from pipelines.console import print_build_summary, print_crawl_summary
+    from pipelines.flows import run_build
+
+    with sample_web(n, seed, state_dir() / "sampleweb") as web:
+        print(f"[demo] sample web: {web['n']} samples at {web['base_url']}")
+        config = config.model_copy(
+            update={"urls": web["urls"], "crawl": _allow(config.crawl, web["port"])}
+        )
+        # The server's port, and so every URL, is new each run: start the demo build afresh.
+        _remove(config.store.open(), f"staging/{config.name}/", "the previous demo build")
+        result = run_build(config)
+    print_crawl_summary(config, result.crawl)
+    print_build_summary(result)
+    if result.manifest_uri:
+        print(f"[demo] published {config.name}@{result.version}: {result.manifest_uri}")
+    return result.manifest_uri
+
+
+def _allow(crawl, port: int):
+    policy = crawl.policy.model_copy(update={"allow": [f"127.0.0.1:{port}"]})
+    return crawl.model_copy(update={"policy": policy})
+
+
+def _train(model: str, cfg) -> str:
+    """Train `model` afresh through its Prefect flow; the URI of its exported weights."""
+    from pipelines.cli import training_flow
+    from pipelines.console import print_training_result
+
+    _remove(cfg.store.open(), f"{cfg.run_prefix()}/", f"the previous {cfg.name} run")
+    print(f"[demo] training {cfg.model} for {cfg.steps} steps on {cfg.data.source}")
+    outcome = training_flow(model)(cfg)
+    print_training_result(cfg, outcome)
+    return outcome["export"]
+
+
+def _encode(dvae_export: str, manifest: str, dvae_run) -> str:
+    """Code the published shards with the trained dVAE; the sidecars' folder URI."""
+    from pipelines.dalle_flows import encode_codes
+    from training.encode_codes import EncodeConfig
+
+    out = dvae_run.store.open().uri(f"{dvae_run.run_prefix()}/codes") + "/"
+    print(f"[demo] coding the published shards with {dvae_export} into {out}")
+    encode_codes(EncodeConfig(source=manifest, dvae_checkpoint=dvae_export, out=out))
+    return out
+
+
+def _generate(dalle_export: str, clip_model: str, clip_export: str) -> None:
+    from pipelines.console import print_generation_report
+    from pipelines.dalle_flows import generate_dalle
+    from training.generate import GenerateConfig, SamplingConfig
+
+    cfg = GenerateConfig(
+        name="demo",
+        dalle_checkpoint=dalle_export,
+        clip_model=clip_model,
+        clip_weights=clip_export,
+        heldout=DEMO_CAPTIONS,
+        sampling=SamplingConfig(candidates=DEMO_CANDIDATES),
+    )
+    print(f"[demo] drawing {DEMO_CAPTIONS} held-out captions x {DEMO_CANDIDATES} candidates")
+    print_generation_report(generate_dalle(cfg))
+
+
+def _train_config(model: str, configs: DemoConfigs, source: str, extra: list[str] = ()):
     from training.config import TrainConfig
     from training.engine import validate
 
-    # Its own run name: the demo starts its run afresh and must not touch a user's runs.
-    base = [f"data.source={shards}", "name=demo-clip", *DEMO_CLIP_SCHEDULE]
-    cfg = load_config(TrainConfig, path, [*base, *overrides])
+    path = getattr(configs, model)
+    # Its own run name: the demo starts its runs afresh and must not touch a user's runs.
+    base = [f"spec={model}", f"data.source={source}", f"name=demo-{model}"]
+    base += DEMO_SCHEDULES[model]
+    if model == "dalle" and not extra:
+        extra = ["dvae_checkpoint=file:///placeholder/dvae.pt"]
+    cfg = load_config(TrainConfig, path, [*base, *extra, *configs.overrides.get(model, [])])
     validate(cfg)
     return cfg
 
@@ -106,4 +211,4 @@ def _train_config(path: str | None, overrides, shards: str):
 def _remove(store, prefix: str, what: str) -> None:
     removed = store.delete_prefix(prefix)
     if removed:
-        print(f"removed {what} ({removed} objects)")
+        print(f"[demo] removed {what} ({removed} objects)")

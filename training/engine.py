@@ -51,8 +51,12 @@ def validate(cfg: TrainConfig) -> None:
         get_spec(cfg.spec)  # unknown specs fail here, not in a worker
 
 
-def launch(cfg: TrainConfig) -> TrainResult:
-    """Train (or resume) the run `cfg.name` on Ray; blocks until it ends."""
+def launch(cfg: TrainConfig, echo_steps: bool = True) -> TrainResult:
+    """Train (or resume) the run `cfg.name` on Ray; blocks until it ends.
+
+    ``echo_steps``: rank 0 prints a line per logged step (through Ray to this driver); callers
+    that tail metrics.jsonl themselves (the Prefect flows) turn it off.
+    """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -69,7 +73,13 @@ def launch(cfg: TrainConfig) -> TrainResult:
     fs, runs_path = store.arrow_filesystem("runs")
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=cfg.model_dump(mode="json"),
+        # The env travels with the run too: a Ray started earlier by someone else (the build's
+        # embed stage, a user's ray.init) has not got it in its runtime_env.
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "env": worker_env(cfg),
+            "echo_steps": echo_steps,
+        },
         scaling_config=ScalingConfig(
             num_workers=cfg.scale.num_workers,
             use_gpu=cfg.scale.use_gpu,
@@ -116,10 +126,11 @@ def _store_uri(store, runs_path: str, checkpoint_path: str) -> str:
 
 def train_worker(config: dict) -> None:
     """Runs in every Ray Train worker: DeepSpeed is imported and initialised here."""
+    os.environ.update(config["env"])  # before DeepSpeed picks its accelerator
     import deepspeed
     import ray.train
 
-    cfg = TrainConfig.model_validate(config)
+    cfg = TrainConfig.model_validate(config["cfg"])
     _quiet_worker_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -148,7 +159,7 @@ def train_worker(config: dict) -> None:
         else:
             metrics_rows = [r for r in read_metrics(store, cfg.run_prefix()) if r["step"] <= step]
         local = Path(tempfile.mkdtemp(prefix=f"{cfg.name}-", dir=_work_dir()))
-        sink = MetricsSink(store, cfg.run_prefix(), local, metrics_rows)
+        sink = MetricsSink(store, cfg.run_prefix(), local, metrics_rows, config["echo_steps"])
     _train(cfg, spec, engine, rank, world, step, sink)
     if sink is not None:
         sink.close()
@@ -160,8 +171,11 @@ def _quiet_worker_logs() -> None:
     import logging
     import warnings
 
+    from ray.train.v2._internal.execution import context
+
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)  # Ray names it by its path
 
 
 def _work_dir() -> Path:

@@ -17,7 +17,14 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsSink:
-    def __init__(self, store: ObjectStore, run_prefix: str, local_dir: Path, resumed_rows: list):
+    def __init__(
+        self,
+        store: ObjectStore,
+        run_prefix: str,
+        local_dir: Path,
+        resumed_rows: list,
+        echo: bool = True,
+    ):
         from tensorboardX import SummaryWriter
 
         self.store, self.prefix, self.local = store, run_prefix, local_dir
@@ -25,6 +32,7 @@ class MetricsSink:
         self.rows = list(resumed_rows)
         self.writer = SummaryWriter(str(self.local / "tensorboard"))
         self.started = time.monotonic()
+        self.echo = echo  # print a line per log (off when a flow tails metrics.jsonl)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         row = {"step": step, "time_s": round(time.monotonic() - self.started, 2), **metrics}
@@ -32,8 +40,9 @@ class MetricsSink:
         for name, value in metrics.items():
             self.writer.add_scalar(name, value, step)
         self.writer.flush()
-        shown = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
-        print(f"[step {step}] {shown}", flush=True)
+        if self.echo:
+            shown = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+            print(f"[step {step}] {shown}", flush=True)
         self.sync()
 
     def sync(self) -> None:

@@ -22,8 +22,27 @@ def mmpipe(*args, env=None, timeout=120):
 def test_help_lists_the_user_jobs():
     result = mmpipe("--help")
     assert result.returncode == 0
-    for command in ("build", "demo", "sampleweb", "config"):
+    for command in ("build", "demo", "sampleweb", "config", "plan", "generate", "encode-codes"):
         assert command in result.stdout
+
+
+def test_plan_says_which_zero_stage_fits_and_fails_when_nothing_does():
+    fits = mmpipe("plan", "--config", "configs/dalle-12b.yaml", "--gpus", "1024", "--gpu-mem", "16")
+    assert fits.returncode == 0, fits.stderr
+    assert "12.29 B parameters" in fits.stdout and "verdict: ZeRO-3" in fits.stdout
+    nothing = mmpipe("plan", "--config", "configs/dalle-12b.yaml", "--gpus", "1", "--gpu-mem", "1")
+    assert nothing.returncode == 1 and "nothing fits" in nothing.stdout
+
+
+def test_generate_and_demo_refuse_bad_arguments_in_one_line():
+    result = mmpipe("generate", "--checkpoint", "dalle.pt")  # no caption, no --heldout
+    assert result.returncode == 2
+    assert (
+        result.stderr.startswith("mmpipe: error: invalid config")
+        and "give captions" in result.stderr
+    )
+    result = mmpipe("demo", "--set", "vqgan:steps=3")
+    assert result.returncode == 2 and "clip:steps=100" in result.stderr
 
 
 def test_config_show_applies_overrides():
