@@ -50,7 +50,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     check_url_list(config.urls, config.crawl.url_col, config.crawl.caption_col)
 
-    result = run_build(config)
+    from pipelines.progress import crawl_progress
+
+    with crawl_progress(config):
+        result = run_build(config)
     from pipelines.console import print_build_summary, print_crawl_summary
 
     print_crawl_summary(config, result.crawl)
@@ -92,8 +95,11 @@ def training_flow(model: str):
 def cmd_train(args: argparse.Namespace) -> int:
     config = train_config_from_args(args)
     from pipelines.console import print_training_result
+    from pipelines.progress import training_progress
 
-    print_training_result(config, training_flow(args.model)(config))
+    with training_progress(config):
+        outcome = training_flow(args.model)(config)
+    print_training_result(config, outcome)
     return 0
 
 

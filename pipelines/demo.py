@@ -132,6 +132,7 @@ def _build(config: BuildConfig, n: int, seed: int) -> str | None:
     """Serve the sample web, run build-dataset on it; the published manifest's URI."""
     from pipelines.console import print_build_summary, print_crawl_summary
     from pipelines.flows import run_build
+    from pipelines.progress import crawl_progress
 
     with sample_web(n, seed, state_dir() / "sampleweb") as web:
         print(f"[demo] sample web: {web['n']} samples at {web['base_url']}")
@@ -140,7 +141,8 @@ def _build(config: BuildConfig, n: int, seed: int) -> str | None:
         )
         # The server's port, and so every URL, is new each run: start the demo build afresh.
         _remove(config.store.open(), f"staging/{config.name}/", "the previous demo build")
-        result = run_build(config)
+        with crawl_progress(config):
+            result = run_build(config)
     print_crawl_summary(config, result.crawl)
     print_build_summary(result)
     if result.manifest_uri:
@@ -157,10 +159,12 @@ def _train(model: str, cfg) -> str:
     """Train `model` afresh through its Prefect flow; the URI of its exported weights."""
     from pipelines.cli import training_flow
     from pipelines.console import print_training_result
+    from pipelines.progress import training_progress
 
     _remove(cfg.store.open(), f"{cfg.run_prefix()}/", f"the previous {cfg.name} run")
     print(f"[demo] training {cfg.model} for {cfg.steps} steps on {cfg.data.source}")
-    outcome = training_flow(model)(cfg)
+    with training_progress(cfg):
+        outcome = training_flow(model)(cfg)
     print_training_result(cfg, outcome)
     return outcome["export"]
 

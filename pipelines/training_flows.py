@@ -75,7 +75,7 @@ def _progress_artifact(cfg: TrainConfig):
 @task(name="train", task_run_name="train {cfg.name}")
 def train_task(cfg: TrainConfig) -> TrainResult:
     with _Progress(cfg, _progress_artifact(cfg)):
-        return launch(cfg)
+        return launch(cfg, echo_steps=False)  # _Progress logs the steps
 
 
 @task(name="launch", task_run_name="launch {cfg.name} on {address}")
