@@ -4,7 +4,8 @@
   demand), with the config (URL list, dataset name, ...) as its parameters; one run at a time.
 - `train-<model>/<run>`: one per training config; with `on_publish`, a DeploymentEventTrigger
   starts it when `mmpipe.dataset.published` is emitted for that dataset, training on the
-  published manifest under the run name `<run>-<version>`.
+  published manifest under the run name `<run>-<version>`; with `cluster_address`, its runs
+  train on that Ray cluster as Ray Jobs.
 
 `train-dvae` and `train-dalle` are registered once `pipelines/dalle_flows.py` provides the
 flows `train_dvae` and `train_dalle` (each taking `cfg`, like `train_clip`).
@@ -12,8 +13,10 @@ flows `train_dvae` and `train_dalle` (each taking `cfg`, like `train_clip`).
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
+import signal
 from datetime import timedelta
 from typing import Any
 
@@ -78,6 +81,8 @@ def train_deployment(spec: TrainDeployment):
         return None
     cfg = load_config(TrainConfig, spec.config, [f"spec={spec.model}", *spec.overrides])
     params = {"cfg": cfg.model_dump(mode="json")}
+    if spec.cluster_address:  # only then: a flow without the parameter is served unchanged
+        params["cluster_address"] = spec.cluster_address
     triggers = [publish_trigger(spec, params)] if spec.on_publish else []
     return flow.to_deployment(
         name=cfg.name,
@@ -103,7 +108,7 @@ def publish_trigger(spec: TrainDeployment, params: dict):
         enabled=spec.on_publish.enabled,
         expect={DATASET_PUBLISHED},
         match={"prefect.resource.id": dataset_resource_id(dataset)},
-        parameters={"cfg": cfg},
+        parameters={**params, "cfg": cfg},
     )
 
 
@@ -127,7 +132,38 @@ def apply_deployments(config: ServeConfig, warn=print) -> list[str]:
 
 
 def serve(config: ServeConfig, warn=print) -> None:
-    """Create the deployments and run their flow runs here until interrupted."""
-    from prefect import serve as prefect_serve
+    """Create the deployments and run their flow runs here until Ctrl-C or SIGTERM; either
+    pauses their schedules and returns."""
+    found = deployments(config, warn)
+    runner = _runner()
+    for deployment in found:
+        runner.add_deployment(deployment)
+    names = ", ".join(f"{d.flow_name}/{d.name}" for d in found)
+    print(f"serving {len(found)} deployments: {names} (Ctrl-C or SIGTERM stops)", flush=True)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        asyncio.run(runner.start())
+    except KeyboardInterrupt:
+        pass  # the way to stop serving: the runner has paused the schedules on its way out
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # the runner leaves its handler installed
+    print("stopped serving; the deployments' schedules are paused", flush=True)
 
-    prefect_serve(*deployments(config, warn))
+
+def _runner():
+    """Prefect's Runner (what `prefect.serve` runs), stopping on SIGTERM as on Ctrl-C.
+
+    Prefect's SIGTERM handler calls the sync `Runner.stop()` from inside the running event
+    loop, where it returns a coroutine nobody awaits (so runs are not cancelled), then raises
+    SystemExit wherever the loop is, in the middle of pausing schedules or of a request; once
+    the runner has stopped, the same handler raises RuntimeError into whatever runs at exit.
+    Raising SIGINT instead takes asyncio's own path: the main task is cancelled, the runner
+    pauses its schedules on the way out, and a second signal stops at once."""
+    from prefect.runner import Runner
+
+    class StopsLikeCtrlC(Runner):
+        def handle_sigterm(self, *args, **kwargs) -> None:
+            self._logger.info("SIGTERM received: stopping as on Ctrl-C")
+            signal.raise_signal(signal.SIGINT)
+
+    return StopsLikeCtrlC(pause_on_shutdown=True)

@@ -65,6 +65,8 @@ class TrainDeployment(_Strict):
     schedule: Schedule = Schedule()
     on_publish: PublishTrigger | None = None  # data.source := the published manifest
     concurrency_limit: int = Field(1, ge=1)
+    # A Ray dashboard URL (http://HEAD:8265): runs train there as Ray Jobs; None: on this host.
+    cluster_address: str | None = Field(None, pattern=r"^https?://")
 
 
 class ServeConfig(_Strict):
