@@ -34,17 +34,19 @@ def _train_run_name() -> str:
 
 
 @flow(name="train-dvae", flow_run_name=_train_run_name)
-def train_dvae(cfg: TrainConfig) -> dict:
-    """Train (or resume) a discrete VAE on Ray + DeepSpeed; export `dvae.pt`."""
+def train_dvae(cfg: TrainConfig, cluster_address: str | None = None) -> dict:
+    """Train (or resume) a discrete VAE on Ray + DeepSpeed; export `dvae.pt`. With
+    `cluster_address` (a Ray dashboard URL), as a Ray Job on that cluster."""
     _check_spec(cfg, "dvae")
-    return train_and_report(cfg)
+    return train_and_report(cfg, cluster_address)
 
 
 @flow(name="train-dalle", flow_run_name=_train_run_name)
-def train_dalle(cfg: TrainConfig) -> dict:
-    """Train (or resume) the DALL-E transformer over a frozen dVAE's codes; export `dalle.pt`."""
+def train_dalle(cfg: TrainConfig, cluster_address: str | None = None) -> dict:
+    """Train (or resume) the DALL-E transformer over a frozen dVAE's codes; export `dalle.pt`.
+    With `cluster_address` (a Ray dashboard URL), as a Ray Job on that cluster."""
     _check_spec(cfg, "dalle")
-    return train_and_report(cfg)
+    return train_and_report(cfg, cluster_address)
 
 
 @task(name="encode", task_run_name="encode shards with {cfg.dvae_checkpoint}")
