@@ -46,21 +46,25 @@ def _check_prefect_api(args: argparse.Namespace) -> None:
 def cmd_build(args: argparse.Namespace) -> int:
     config = load_config(BuildConfig, args.config, args.overrides)
     from dataprep.url_list import check_url_list
-    from pipelines.flows import run_build
 
     check_url_list(config.urls, config.crawl.url_col, config.crawl.caption_col)
+    build_with_progress(config)
+    return 0
 
+
+def build_with_progress(config: BuildConfig, label: str = ""):
+    """Run `build-dataset` with a progress bar, then print what every stage kept and dropped."""
+    from pipelines.console import print_build_summary, print_crawl_summary
+    from pipelines.flows import run_build
     from pipelines.progress import crawl_progress
 
     with crawl_progress(config):
         result = run_build(config)
-    from pipelines.console import print_build_summary, print_crawl_summary
-
     print_crawl_summary(config, result.crawl)
     print_build_summary(result)
     if result.manifest_uri:
-        print(f"published {config.name}@{result.version}: {result.manifest_uri}")
-    return 0
+        print(f"{label}published {config.name}@{result.version}: {result.manifest_uri}")
+    return result
 
 
 def train_config_from_args(args: argparse.Namespace):

@@ -130,9 +130,7 @@ def _scorer_overrides() -> list[str]:
 
 def _build(config: BuildConfig, n: int, seed: int) -> str | None:
     """Serve the sample web, run build-dataset on it; the published manifest's URI."""
-    from pipelines.console import print_build_summary, print_crawl_summary
-    from pipelines.flows import run_build
-    from pipelines.progress import crawl_progress
+    from pipelines.cli import build_with_progress
 
     with sample_web(n, seed, state_dir() / "sampleweb") as web:
         print(f"[demo] sample web: {web['n']} samples at {web['base_url']}")
@@ -141,12 +139,7 @@ def _build(config: BuildConfig, n: int, seed: int) -> str | None:
         )
         # The server's port, and so every URL, is new each run: start the demo build afresh.
         _remove(config.store.open(), f"staging/{config.name}/", "the previous demo build")
-        with crawl_progress(config):
-            result = run_build(config)
-    print_crawl_summary(config, result.crawl)
-    print_build_summary(result)
-    if result.manifest_uri:
-        print(f"[demo] published {config.name}@{result.version}: {result.manifest_uri}")
+        result = build_with_progress(config, label="[demo] ")
     return result.manifest_uri
 
 
