@@ -15,11 +15,16 @@ randomly initialised unless ``--weights`` is given.
 
     .venv/bin/python benchmarks/embed.py                        # clip-tiny at 64 px
     .venv/bin/python benchmarks/embed.py --model ViT-B-32 --shards 2 --per-shard 128
+    .venv/bin/python benchmarks/embed.py --profile    # and where the stage's time goes
+
+``--profile`` then runs each part of the stage on its own, one after the other, over the same
+shards, and prints wall and CPU milliseconds per shard of each.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import statistics
@@ -29,16 +34,26 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataprep.crawl import PLAN_KEY, CrawlPlan  # noqa: E402
 from dataprep.crawl_status import ShardStats  # noqa: E402
-from dataprep.embed import EMBED, EmbedConfig, Embedder, embed_shard  # noqa: E402
+from dataprep.embed import (  # noqa: E402
+    EMBED,
+    EMBED_SCHEMA,
+    EmbedConfig,
+    Embedder,
+    embed_shard,
+    npy_bytes,
+)
+from dataprep.filters import STAGE as FILTER  # noqa: E402
 from dataprep.filters import FilterConfig, filter_shards  # noqa: E402
 from dataprep.sampleweb.corpus import generate_corpus, render_image  # noqa: E402
-from dataprep.stages import Staging  # noqa: E402
+from dataprep.stages import KEPT, StageStats, Staging  # noqa: E402
 from dataprep.store import open_store  # noqa: E402
 from training.evaluate import crawl_border_resize  # noqa: E402
 
@@ -94,13 +109,68 @@ def write_crawl(staging: Staging, shards: int, per_shard: int, size: int) -> lis
     return samples
 
 
-def time_stage(staging: Staging, shards: int, embedder: Embedder, round_: int) -> float:
+def time_stage(
+    staging: Staging, shards: int, embedder: Embedder, round_: int, prefetch: int | None = None
+) -> float:
     for key in staging.store.list(staging.prefix(EMBED) + "/"):
         staging.store.delete(key)
+    options = {} if prefetch is None else {"prefetch": prefetch}
     started = time.perf_counter()
     for shard in range(shards):
-        embed_shard(staging, shard, embedder, f"round-{round_}")
+        embed_shard(staging, shard, embedder, f"round-{round_}", **options)
     return time.perf_counter() - started
+
+
+class Timers:
+    """Wall and CPU seconds (this process, all threads) per named part."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        wall, cpu = time.perf_counter(), time.process_time()
+        yield
+        self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - wall
+        self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - cpu
+
+
+def profile_stage(staging: Staging, shards: int, embedder: Embedder) -> Timers:
+    """The stage's parts one after the other, each timed: what prefetching has to hide."""
+    t = Timers()
+    model, batch = embedder.bundle.model, embedder.batch_size
+    for shard in range(shards):
+        with t("filter table"):
+            wanted = set(staging.kept_keys(FILTER, shard))
+        with t("read tar"):
+            samples = [(k, f) for k, f in staging.samples(shard) if k in wanted]
+        keys = [k for k, _ in samples]
+        jpegs = [f["jpg"] for _, f in samples]
+        captions = [f["txt"].decode("utf-8", errors="replace") for _, f in samples]
+        images, texts = [], []
+        for i in range(0, len(keys), batch):
+            with t("decode + transform"):
+                pixels = embedder.preprocess(jpegs[i : i + batch])
+            with t("tokenise"):
+                tokens = embedder.tokenize(captions[i : i + batch])
+            with torch.inference_mode():
+                with t("forward image"):
+                    images.append(model.encode_image(pixels, normalize=True).float().numpy())
+                with t("forward text"):
+                    texts.append(model.encode_text(tokens, normalize=True).float().numpy())
+        with t("write .npy + table"):
+            image, text = np.concatenate(images), np.concatenate(texts)
+            scores = (image * text).sum(1).astype(np.float32)
+            table = pa.table(
+                {"key": keys, "reason": [KEPT] * len(keys), "clip_score": scores},
+                schema=EMBED_SCHEMA,
+            )
+            stats = StageStats.of(f"{EMBED}-profile", shard, "profile", [KEPT] * len(keys))
+            staging.commit(
+                stats, table, {"image.npy": npy_bytes(image), "text.npy": npy_bytes(text)}
+            )
+    return t
 
 
 def time_forward(embedder: Embedder, pixels: torch.Tensor, captions: list[str]) -> float:
@@ -121,6 +191,10 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--prefetch", type=int, default=None, help="embed_shard's prefetch (default: its own)"
+    )
+    p.add_argument("--profile", action="store_true", help="then time each part of the stage")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,13 +219,15 @@ def main() -> None:
         time_forward(embedder, pixels[: args.batch_size], captions[: args.batch_size])  # warm-up
         stage_s, forward_s = [], []
         for round_ in range(args.repeats):
-            stage_s.append(time_stage(staging, args.shards, embedder, round_))
+            stage_s.append(time_stage(staging, args.shards, embedder, round_, args.prefetch))
             forward_s.append(time_forward(embedder, pixels, captions))
             print(
                 f"round {round_}: stage {len(samples) / stage_s[-1]:.0f} images/s, "
                 f"forward {len(samples) / forward_s[-1]:.0f} images/s",
                 flush=True,
             )
+        if args.profile:
+            timers = profile_stage(staging, args.shards, embedder)
     stage = len(samples) / statistics.median(stage_s)
     forward = len(samples) / statistics.median(forward_s)
     print(
@@ -161,6 +237,15 @@ def main() -> None:
     print(f"  embed stage (store -> decode -> model -> .npy): {stage:8.0f} images/s")
     print(f"  model forward on pre-decoded tensors:            {forward:8.0f} images/s")
     print(f"  ratio: {stage / forward:.2f} (target >= 0.8)")
+    if args.profile:
+        total = sum(timers.wall.values())
+        print(f"\nthe stage's parts one after the other, per shard of {args.per_shard}:")
+        for name, wall in timers.wall.items():
+            print(
+                f"  {name:20s} {1e3 * wall / args.shards:8.1f} ms wall {100 * wall / total:5.1f}%"
+                f"  {1e3 * timers.cpu[name] / args.shards:8.1f} ms CPU"
+            )
+        print(f"  {'total':20s} {1e3 * total / args.shards:8.1f} ms wall")
 
 
 if __name__ == "__main__":

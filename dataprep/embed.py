@@ -15,11 +15,15 @@ only this stage and what follows, never the embeddings (NeMo Curator's "score, t
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
-from collections.abc import Callable
+import queue
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +35,7 @@ from dataprep.stages import KEPT, StageError, StageStats, Staging, fingerprint
 from dataprep.store import ObjectNotFound
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 EMBED = "embed"
 SCORE = "score"
@@ -101,31 +106,54 @@ class Embedder:
         self.bundle.model.eval()
         self.device = device
         self.batch_size = cfg.batch_size
+        self._image_steps, self._tensor_steps, self._lut = _split_transform(
+            self.bundle.eval_transform
+        )
 
     def preprocess(self, jpegs: list[bytes]):
+        """Pixels [B, 3, H, W] of JPEG (or PNG, WebP) bytes: the model's eval transform of each
+        image, bit for bit; the uint8 -> float step runs once per batch through a lookup table."""
         import torch
 
-        images = [Image.open(io.BytesIO(j)).convert("RGB") for j in jpegs]
-        return torch.stack([self.bundle.eval_transform(im) for im in images])
+        images = []
+        for data in jpegs:
+            image = Image.open(io.BytesIO(data)).convert("RGB")
+            for step in self._image_steps:
+                image = step(image)
+            images.append(image)
+        if self._lut is None or any(im.mode != "RGB" or im.size != images[0].size for im in images):
+            return torch.stack([self._tensor_steps(im) for im in images])
+        arrays = np.stack([np.asarray(im) for im in images])  # [B, H, W, 3] uint8
+        pixels = np.empty((len(images), 3, *arrays.shape[1:3]), np.float32)
+        for c in range(3):
+            pixels[:, c] = self._lut[c][arrays[..., c]]
+        return torch.from_numpy(pixels)
+
+    def tokenize(self, captions: list[str]):
+        return self.bundle.tokenizer(captions)
 
     def forward(self, pixels, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Normalised image and text embeddings [B, D] of preprocessed pixels and captions."""
+        return self.forward_tokens(pixels, self.tokenize(captions))
+
+    def forward_tokens(self, pixels, tokens) -> tuple[np.ndarray, np.ndarray]:
+        """``forward`` with the captions already tokenised (``tokenize``)."""
         import torch
 
         model = self.bundle.model
         with torch.inference_mode():
             image = model.encode_image(pixels.to(self.device), normalize=True)
-            tokens = self.bundle.tokenizer(captions).to(self.device)
-            text = model.encode_text(tokens, normalize=True)
+            text = model.encode_text(tokens.to(self.device), normalize=True)
         return image.float().cpu().numpy(), text.float().cpu().numpy()
 
     def embed(self, jpegs: list[bytes], captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        out = [
-            self.forward(
-                self.preprocess(jpegs[i : i + self.batch_size]), captions[i : i + self.batch_size]
-            )
+        batches = (
+            (self.preprocess(jpegs[i : i + self.batch_size]), captions[i : i + self.batch_size])
             for i in range(0, len(jpegs), self.batch_size)
-        ]
+        )
+        return self._concat([self.forward(pixels, texts) for pixels, texts in batches])
+
+    def _concat(self, out: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
         if not out:
             dim = (
                 self.bundle.model.text_projection.shape[1]
@@ -136,31 +164,60 @@ class Embedder:
         return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
 
 
+def _split_transform(transform):
+    """(PIL steps, tensor steps, lookup table) of an eval transform.
+
+    open_clip's eval transforms are PIL steps (resize, crop or pad, convert to RGB) followed by
+    ``ToTensor`` and ``Normalize``, which map each uint8 value of each channel to one float on
+    its own. The table [3, 256] holds those floats, computed by the tensor steps themselves, so
+    looking values up gives the same bits as running the steps image by image, without the
+    per-image tensors. None (and the steps run per image) for any other transform.
+    """
+    from torchvision import transforms as tv
+
+    steps = list(getattr(transform, "transforms", [transform]))
+    at = next((i for i, s in enumerate(steps) if isinstance(s, tv.ToTensor)), None)
+    if at is None:
+        return [], transform, None
+    image_steps, tensor_steps = steps[:at], tv.Compose(steps[at:])
+    if not all(isinstance(s, tv.ToTensor | tv.Normalize) for s in steps[at:]):
+        return image_steps, tensor_steps, None
+    ramp = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)  # [1, 256, 3]
+    lut = tensor_steps(Image.fromarray(ramp, "RGB"))  # [3, 1, 256]
+    return image_steps, tensor_steps, lut[:, 0, :].numpy().copy()
+
+
 def embed_fingerprint(filter_fp: str, cfg: EmbedConfig) -> str:
     # Only what changes the numbers: not the batching or the Ray layout.
     return fingerprint(EMBED, filter_fp, cfg.model, cfg.weights_sha256 or cfg.weights)
 
 
-def embed_shard(staging: Staging, shard: int, embedder: Embedder, fp: str) -> StageStats:
-    """Embed the filter-kept samples of one shard; skipped if committed with ``fp``."""
+def embed_shard(
+    staging: Staging, shard: int, embedder: Embedder, fp: str, prefetch: int = 1
+) -> StageStats:
+    """Embed the filter-kept samples of one shard; skipped if committed with ``fp``.
+
+    A background thread reads the tar, decodes, transforms and tokenises the next ``prefetch``
+    batches while the model runs the current one (0: all in this thread, one after the other).
+    """
     done = staging.stats(EMBED, shard, fp)
     if done is not None:
         return done
     wanted = staging.kept_keys(FILTER, shard)
-    wanted_set = set(wanted)
-    jpegs, captions, keys = [], [], []
-    for key, files in staging.samples(shard):
-        if key in wanted_set:
-            keys.append(key)
-            jpegs.append(files.get("jpg") or files.get("png") or files.get("webp"))
-            captions.append(files.get("txt", b"").decode("utf-8", errors="replace"))
+    keys: list[str] = []
+    out = []
+    batches = prefetched(_prepared_batches(staging, shard, set(wanted), embedder), prefetch)
+    with contextlib.closing(batches):  # on an error here, the thread stops before it is raised
+        for batch_keys, pixels, tokens in batches:
+            keys += batch_keys
+            out.append(embedder.forward_tokens(pixels, tokens))
     if keys != wanted:
-        missing = sorted(wanted_set - set(keys))[:5]
+        missing = sorted(set(wanted) - set(keys))[:5]
         raise StageError(
             f"crawl shard {staging.uri('crawl', shard, 'tar')} lacks samples the filter kept "
             f"(e.g. {missing})"
         )
-    image, text = embedder.embed(jpegs, captions)
+    image, text = embedder._concat(out)
     scores = (image * text).sum(1)
     table = pa.table(
         {"key": keys, "reason": [KEPT] * len(keys), "clip_score": scores.astype(np.float32)},
@@ -169,6 +226,73 @@ def embed_shard(staging: Staging, shard: int, embedder: Embedder, fp: str) -> St
     stats = StageStats.of(EMBED, shard, fp, [KEPT] * len(keys))
     staging.commit(stats, table, {"image.npy": npy_bytes(image), "text.npy": npy_bytes(text)})
     return stats
+
+
+def _prepared_batches(staging: Staging, shard: int, wanted: set[str], embedder: Embedder):
+    """(keys, pixels, tokens) of the wanted samples of a crawl shard, ``batch_size`` at a time,
+    in the tar's order: one pass over the tar."""
+    keys, jpegs, captions = [], [], []
+    for key, files in staging.samples(shard):
+        if key not in wanted:
+            continue
+        keys.append(key)
+        jpegs.append(files.get("jpg") or files.get("png") or files.get("webp"))
+        captions.append(files.get("txt", b"").decode("utf-8", errors="replace"))
+        if len(keys) == embedder.batch_size:
+            yield keys, embedder.preprocess(jpegs), embedder.tokenize(captions)
+            keys, jpegs, captions = [], [], []
+    if keys:
+        yield keys, embedder.preprocess(jpegs), embedder.tokenize(captions)
+
+
+def prefetched(items: Iterator[T], depth: int) -> Iterator[T]:
+    """The items of ``items``, produced on a background thread up to ``depth`` ahead.
+
+    An exception raised while producing is raised here, after the items before it; the thread
+    stops at it. Leaving the loop early (an error in the consumer, ``close``) stops the thread
+    too, and the producing iterator is closed in its thread.
+    """
+    if depth <= 0:
+        yield from items
+        return
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+            put((False, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            put((False, e))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name="embed-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = slots.get()
+            if not ok:
+                if item is not None:
+                    raise item
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

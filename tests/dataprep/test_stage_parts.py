@@ -213,3 +213,158 @@ def test_calibrated_threshold_separates_the_two_score_sets():
 
     threshold, accuracy = best_threshold(torch.tensor([0.5, 0.6, 0.7]), torch.tensor([0.1, 0.2]))
     assert 0.2 < threshold < 0.5 and accuracy == 1.0
+
+
+# --------------------------------------------------------------------------- embedding
+
+
+@pytest.fixture(scope="module")
+def embedder(tmp_path_factory):
+    import torch
+
+    from dataprep.embed import EmbedConfig, Embedder
+    from training.models.clip import create_clip
+
+    weights = tmp_path_factory.mktemp("scorer") / "random.pt"
+    torch.manual_seed(0)
+    torch.save(create_clip("clip-tiny").model.state_dict(), weights)
+    return Embedder(EmbedConfig(model="clip-tiny", weights=str(weights), batch_size=4))
+
+
+def encoded(image: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return buf.getvalue()
+
+
+def embed_inputs(n: int = 11) -> list[tuple[str, bytes, str]]:
+    """(key, image bytes, caption): sample-web JPEGs, and a PNG with alpha, a grey and a wide
+    image, which the eval transform pads."""
+    specs = generate_corpus(n, seed=3, fault_rates={})
+    samples = [(f"{i:09d}", render_image(s), s.caption) for i, s in enumerate(specs)]
+    rgba = Image.new("RGBA", (40, 30), (10, 200, 30, 128))
+    samples[2] = (samples[2][0], encoded(rgba, "PNG"), samples[2][2])
+    samples[5] = (samples[5][0], jpeg(Image.new("L", (70, 70), 90)), samples[5][2])
+    samples[7] = (samples[7][0], jpeg(Image.new("RGB", (120, 20), (0, 0, 250))), "wide")
+    return samples
+
+
+def write_shard(staging, samples, kept: set[str], corrupt: str | None = None) -> None:
+    """Crawl tar and filter table of shard 0; the filter kept ``kept``."""
+    import tarfile
+
+    import pyarrow as pa
+
+    from dataprep.stages import table_bytes
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for key, data, caption in samples:
+            ext = "png" if data.startswith(b"\x89PNG") else "jpg"
+            data = data[: len(data) // 3] if key == corrupt else data
+            for name, payload in ((f"{key}.{ext}", data), (f"{key}.txt", caption.encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    staging.store.put_bytes(staging.key("crawl", 0, "tar"), buf.getvalue())
+    keys = [k for k, _, _ in samples]
+    reasons = [KEPT if k in kept else "caption_too_short" for k in keys]
+    table = pa.table({"key": keys, "reason": reasons})
+    staging.store.put_bytes(staging.key("filter", 0, "parquet"), table_bytes(table))
+
+
+def test_preprocess_is_the_eval_transform_bit_for_bit(embedder):
+    import torch
+
+    data = [d for _, d, _ in embed_inputs()]
+    expected = torch.stack(
+        [embedder.bundle.eval_transform(Image.open(io.BytesIO(d)).convert("RGB")) for d in data]
+    )
+    assert torch.equal(embedder.preprocess(data), expected)
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 3])
+def test_embed_shard_outputs_do_not_depend_on_prefetching(embedder, local_store, prefetch):
+    """Every path gives the embeddings of the plain per-image transform and forward, batch by
+    batch, for the filter-kept samples in tar order."""
+    import torch
+
+    from dataprep.embed import EMBED, embed_shard, load_embeddings
+    from dataprep.stages import Staging
+
+    samples = embed_inputs()
+    kept = [s for i, s in enumerate(samples) if i not in (1, 8)]
+    staging = Staging(local_store, f"p{prefetch}")
+    write_shard(staging, samples, {k for k, _, _ in kept})
+    stats = embed_shard(staging, 0, embedder, "fp", prefetch=prefetch)
+    assert (stats.count, stats.kept) == (len(kept), len(kept))
+
+    image, text = [], []
+    for i in range(0, len(kept), embedder.batch_size):
+        batch = kept[i : i + embedder.batch_size]
+        pixels = torch.stack(
+            [
+                embedder.bundle.eval_transform(Image.open(io.BytesIO(d)).convert("RGB"))
+                for _, d, _ in batch
+            ]
+        )
+        out = embedder.forward(pixels, [c for _, _, c in batch])
+        image.append(out[0])
+        text.append(out[1])
+    table = staging.table(EMBED, 0)
+    assert table["key"].to_pylist() == [k for k, _, _ in kept]
+    np.testing.assert_array_equal(load_embeddings(staging, 0, "image"), np.concatenate(image))
+    np.testing.assert_array_equal(load_embeddings(staging, 0, "text"), np.concatenate(text))
+    scores = (np.concatenate(image) * np.concatenate(text)).sum(1).astype(np.float32)
+    np.testing.assert_array_equal(table["clip_score"].to_numpy(), scores)
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_embed_shard_fails_on_a_corrupt_image_and_commits_nothing(embedder, local_store, prefetch):
+    import threading
+
+    from dataprep.embed import EMBED, embed_shard
+    from dataprep.stages import Staging
+
+    samples = embed_inputs()
+    staging = Staging(local_store, f"c{prefetch}")
+    write_shard(staging, samples, {k for k, _, _ in samples}, corrupt=samples[6][0])
+    with pytest.raises(OSError):  # PIL: truncated or unidentified image
+        embed_shard(staging, 0, embedder, "fp", prefetch=prefetch)
+    assert staging.stats(EMBED, 0, "fp") is None
+    assert not local_store.list(staging.prefix(EMBED) + "/")
+    assert not [t for t in threading.enumerate() if t.name == "embed-prefetch"]
+
+
+def test_prefetched_raises_the_producers_error_and_stops_both_ways():
+    import threading
+
+    from dataprep.embed import prefetched
+
+    produced, closed = [], []
+
+    def items(fail_at: int | None):
+        try:
+            for i in range(100):
+                if i == fail_at:
+                    raise ValueError(f"bad item {i}")
+                produced.append(i)
+                yield i
+        finally:
+            closed.append(threading.current_thread().name)
+
+    got = []
+    with pytest.raises(ValueError, match="bad item 3"):
+        for item in prefetched(items(3), 2):
+            got.append(item)
+    assert got == [0, 1, 2] and produced == [0, 1, 2] and closed == ["embed-prefetch"]
+
+    # the consumer fails: the producer stops a few items ahead and its iterator is closed
+    produced.clear(), closed.clear()
+    with pytest.raises(RuntimeError, match="consumer"):
+        for item in prefetched(items(None), 2):
+            if item == 5:
+                raise RuntimeError("consumer")
+    assert len(produced) <= 5 + 1 + 2 + 1 and closed == ["embed-prefetch"]
+    assert list(prefetched(iter(range(7)), 3)) == list(range(7))
+    assert not [t for t in threading.enumerate() if t.name == "embed-prefetch"]
