@@ -28,7 +28,7 @@ SCORER_PATH = ("cache", "scorer", "clip-scorer-tiny.pt")  # under the state dir
 DEMO_SCHEDULES = {
     "clip": ["steps=150", "eval.every_steps=50", "checkpoint_every=50", "optim.warmup_steps=20"],
     "dvae": [],  # configs/dvae-tiny.yaml as it is: 600 steps
-    "dalle": ["steps=300", "eval.every_steps=100", "checkpoint_every=100"],
+    "dalle": [],  # configs/dalle-tiny.yaml as it is: 600 steps
 }
 #: Held-out captions drawn at the end, and candidates per caption re-ranked by the demo's CLIP.
 DEMO_CAPTIONS = 32
