@@ -85,10 +85,13 @@ def run_demo(
     if until not in UNTIL:
         raise ValueError(f"until must be one of {UNTIL}, not {until!r}")
     started = time.monotonic()
-    build_overrides = ["crawl_only=true"] if until == "crawl" else _scorer_overrides()
+    scorer = state_dir().joinpath(*SCORER_PATH)
+    build_overrides = ["crawl_only=true"] if until == "crawl" else _scorer_overrides(scorer)
     config = load_config(BuildConfig, config_path, [*build_overrides, *overrides])
     placeholder = "file:///placeholder/manifest.json"
     runs = {m: _train_config(m, configs, placeholder) for m in _models(until)}  # fail fast
+    if until != "crawl":
+        _ensure_scorer(scorer)
     manifest = _build(config, n, seed)
     _lap(started, "build")
     if until in ("crawl", "build"):
@@ -118,14 +121,18 @@ def _lap(started: float, what: str) -> None:
     print(f"[demo] {what} done at {time.monotonic() - started:.0f} s")
 
 
-def _scorer_overrides() -> list[str]:
-    """The build's CLIP scorer: trained once (a minute or two), then reused from the cache."""
+def _scorer_overrides(path: Path) -> list[str]:
+    from training.scorer import ScorerRecipe
+
+    return [f"embed.model={ScorerRecipe().model}", f"embed.weights={path}"]
+
+
+def _ensure_scorer(path: Path) -> None:
+    """The build's CLIP scorer: trained once (about a minute), then reused from the cache."""
     from training.scorer import ensure_scorer
 
-    path = state_dir().joinpath(*SCORER_PATH)
     print(f"[demo] CLIP scorer for the build: {path} (trained on first use)")
-    scorer = ensure_scorer(path, log=lambda line: print(f"[scorer] {line}"))
-    return [f"embed.model={scorer.recipe.model}", f"embed.weights={scorer.weights}"]
+    ensure_scorer(path, log=lambda line: print(f"[scorer] {line}"))
 
 
 def _build(config: BuildConfig, n: int, seed: int) -> str | None:
