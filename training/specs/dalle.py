@@ -4,8 +4,9 @@ Codes come from sidecars written ahead (``data.codes``: training/encode_codes.py
 reproductions do: the dVAE runs once per image, not once per epoch) or, without them, from the
 dVAE on the fly: each worker loads the dVAE named by ``dvae_checkpoint`` once (an exported
 ``dvae.pt``: path, file:// or s3:// URI) and encodes each batch's images to argmax codes before
-the forward pass. The dVAE is not trained; it also codes the held-out images of evaluations. Captions become BPE tokens with per-position pads
-(training/models/bpe.py), sized by the transformer's config.
+the forward pass. The dVAE is not trained; it also codes the held-out images of evaluations.
+Captions become BPE tokens with per-position pads (training/models/bpe.py), sized by the
+transformer's config.
 """
 
 from __future__ import annotations
