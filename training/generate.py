@@ -130,7 +130,7 @@ def run_generation(cfg: GenerateConfig, progress=None) -> GenerationReport:
 
     dalle, dvae = load_pipeline(
         local_copy(cfg.dalle_checkpoint, cfg.store.s3),
-        None if cfg.dvae_checkpoint is None else str(local_copy(cfg.dvae_checkpoint)),
+        None if cfg.dvae_checkpoint is None else str(local_copy(cfg.dvae_checkpoint, cfg.store.s3)),
     )
     clip = load_clip(cfg)
     sampling = Sampling(**cfg.sampling.model_dump())
