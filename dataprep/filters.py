@@ -20,11 +20,11 @@ import pyarrow as pa
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from dataprep.phash import colour_signature, phash, to_signed
+from dataprep.phash import colour_signature, content_box, phash, to_signed
 from dataprep.stages import KEPT, StageStats, Staging, fingerprint
 
 STAGE = "filter"
-SIGNALS_VERSION = 2  # bump when the recorded signals change: staged output is then redone
+SIGNALS_VERSION = 3  # bump when the recorded signals change: staged output is then redone
 
 
 class FilterConfig(BaseModel):
@@ -111,8 +111,11 @@ def decode(data: bytes) -> Image.Image | None:
         return None
 
 
-def judge_sample(key: str, files: dict[str, bytes], cfg: FilterConfig) -> dict:
-    """One decision row: the signals, and KEPT or the first failed check."""
+def judge_sample(
+    key: str, files: dict[str, bytes], cfg: FilterConfig, bordered: bool = False
+) -> dict:
+    """One decision row: the signals, and KEPT or the first failed check. ``bordered``: the crawl
+    padded pictures to a square (img2dataset's ``border`` mode); signals skip the padding."""
     meta = json.loads(files.get("json", b"{}") or b"{}")
     caption = files.get("txt", b"").decode("utf-8", errors="replace")
     data = files.get("jpg") or files.get("png") or files.get("webp")
@@ -128,7 +131,9 @@ def judge_sample(key: str, files: dict[str, bytes], cfg: FilterConfig) -> dict:
     image = decode(data)
     if image is None:
         return row | {"reason": "decode_error"}
-    row |= {"phash": to_signed(phash(image)), "colours": colour_signature(image)}
+    box = content_box(image.size, (width, height)) if bordered else None
+    picture = image.crop(box) if box else image
+    row |= {"phash": to_signed(phash(picture)), "colours": colour_signature(picture)}
     reason = caption_reason(caption, cfg) or image_reason(width, height, len(data), cfg)
     return row | {"reason": reason or KEPT}
 
@@ -139,7 +144,8 @@ def filter_shard(staging: Staging, shard: int, cfg: FilterConfig, fp: str) -> St
     if done is not None:
         return done
     crawl = staging.crawl_stats(shard)
-    rows = [judge_sample(key, files, cfg) for key, files in staging.samples(shard)]
+    bordered = staging.crawl_plan().settings.get("resize_mode") == "border"
+    rows = [judge_sample(key, files, cfg, bordered) for key, files in staging.samples(shard)]
     if len(rows) != crawl.kept:
         raise AssertionError(
             f"crawl shard {staging.uri('crawl', shard, 'tar')} holds {len(rows)} samples, "

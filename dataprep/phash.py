@@ -57,28 +57,49 @@ def _refined(px: np.ndarray, centre: np.ndarray, radius: int) -> np.ndarray:
     return px[np.abs(px - centre).max(1) <= radius].mean(0)
 
 
-def colour_signature(image: Image.Image, distinct: int = 48) -> list[float]:
-    """[background r, g, b, foreground r, g, b]: the most frequent colour, and the most frequent
-    colour at least ``distinct`` levels away from it and from white (padding); NaN if none.
+def content_box(
+    size: tuple[int, int], original: tuple[int, int]
+) -> tuple[int, int, int, int] | None:
+    """The part of a crawled image that holds the picture, or None if it was not padded.
+
+    img2dataset's ``border`` mode scales the longest side to the (square) image size and pads
+    the rest with white, centred. The padding depends on the aspect ratio, so a cropped copy is
+    framed differently from its original; hashing the content alone compares like with like.
+    Padded sides lose one more pixel: JPEG blurs the seam.
+    """
+    (width, height), (ow, oh) = size, original
+    if width != height or ow <= 0 or oh <= 0 or ow == oh:
+        return None
+    scale = width / max(ow, oh)
+    w, h = round(ow * scale), round(oh * scale)
+    if min(w, h) < 4 or (w, h) == (width, height):
+        return None
+    left, top = (width - w) // 2, (height - h) // 2
+    inset_x, inset_y = int(w < width), int(h < height)
+    return (left + inset_x, top + inset_y, left + w - inset_x, top + h - inset_y)
+
+
+def colour_signature(image: Image.Image, distinct: int = 64) -> list[float]:
+    """[background r, g, b, foreground r, g, b]: the most frequent colour, and the median of the
+    farther half of the pixels more than ``distinct`` levels from it; NaN if there are none.
 
     pHash hashes luma only, so two pictures of the same layout in other colours collide. The
     exact colours of a picture survive re-encoding, resizing and cropping, and differ between
-    two renders of the same scene, so they separate near duplicates from look-alikes.
+    two renders of the same scene, so they separate near duplicates from look-alikes. The
+    foreground is an upper-half median, not a mean: anti-aliased edges blend it with the
+    background, and small shapes are mostly edge.
     """
     px = np.asarray(image.convert("RGB")).reshape(-1, 3).astype(np.int16)  # [P, 3]
     codes = (px[:, 0] >> 3) * 1024 + (px[:, 1] >> 3) * 32 + (px[:, 2] >> 3)  # 8-level bins
     values, counts = np.unique(codes, return_counts=True)
-    order = np.argsort(-counts, kind="stable")
-    background = _refined(px, _bin_centre(int(values[order[0]])), 8)
-    neutral = (background, np.array([255, 255, 255]))
-    for i in order[1:]:
-        if counts[i] < 3:
-            break
-        centre = _bin_centre(int(values[i]))
-        if min(np.abs(centre - n).max() for n in neutral) > distinct:
-            foreground = _refined(px, centre, 10)
-            return [round(float(c), 2) for c in (*background, *foreground)]
-    return [round(float(c), 2) for c in background] + [float("nan")] * 3
+    background = _refined(px, _bin_centre(int(values[np.argmax(counts)])), 8)
+    distance = np.abs(px - background).max(1)
+    far = distance > distinct
+    if far.sum() < 3:
+        return [round(float(c), 2) for c in background] + [float("nan")] * 3
+    outer = px[far][distance[far] >= np.median(distance[far])]
+    foreground = np.median(outer, axis=0)
+    return [round(float(c), 2) for c in (*background, *foreground)]
 
 
 def colour_distance(a: list[float] | np.ndarray, b: list[float] | np.ndarray) -> float:

@@ -9,7 +9,14 @@ from PIL import Image
 
 from dataprep.dedup import candidate_pairs, exact_duplicates
 from dataprep.filters import FilterConfig, caption_reason, image_reason, judge_sample
-from dataprep.phash import colour_distance, colour_signature, hamming, phash, to_signed
+from dataprep.phash import (
+    colour_distance,
+    colour_signature,
+    content_box,
+    hamming,
+    phash,
+    to_signed,
+)
 from dataprep.publish import (
     DatasetManifest,
     PublishConfig,
@@ -91,8 +98,34 @@ def test_phash_survives_reencoding_and_resizing():
         smaller = picture.resize((picture.width * 3 // 4, picture.height * 3 // 4))
         assert hamming(np.array([h]), np.array([phash(requality)]))[0] <= 6
         assert hamming(np.array([h]), np.array([phash(smaller)]))[0] <= 8
-        # exact colours survive resizing; heavy JPEG moves saturated colours by tens of levels
-        assert colour_distance(colour_signature(picture), colour_signature(smaller)) <= 10
+        # exact colours survive resizing (within the demo's dedup threshold, 3 levels);
+        # heavy JPEG moves saturated colours by up to tens of levels
+        assert colour_distance(colour_signature(picture), colour_signature(smaller)) <= 3
+
+
+def border_resized(picture: Image.Image, size: int = 64) -> Image.Image:
+    """What the crawl stores in img2dataset's border mode: longest side to ``size``, centred
+    on white."""
+    scale = size / max(picture.size)
+    w, h = round(picture.width * scale), round(picture.height * scale)
+    out = Image.new("RGB", (size, size), (255, 255, 255))
+    out.paste(picture.resize((w, h)), ((size - w) // 2, (size - h) // 2))
+    return out
+
+
+def test_content_box_is_the_picture_without_the_crawls_padding():
+    assert content_box((64, 64), (200, 100)) == (0, 17, 64, 47)  # 64 x 32 at row 16, seam inset
+    assert content_box((64, 64), (90, 180)) == (17, 0, 47, 64)
+    assert content_box((64, 64), (120, 120)) is None  # square: no padding
+    assert content_box((64, 48), (200, 150)) is None  # not a padded square
+    picture = Image.new("RGB", (200, 100), (128, 128, 128))
+    picture.paste((220, 30, 30), (80, 30, 120, 70))
+    stored = border_resized(picture)
+    content = stored.crop(content_box(stored.size, picture.size))
+    assert (np.asarray(content) < 250).all(), "no padding left"
+    # with the padding, the most frequent colour is the padding's, not the picture's background
+    assert min(colour_signature(stored)[:3]) >= 250
+    assert np.allclose(colour_signature(content)[:3], 128, atol=1)
 
 
 def test_colour_signature_tells_recoloured_layouts_apart():
