@@ -10,9 +10,8 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections import Counter
+from pathlib import Path
 
-import numpy as np
 import pytest
 
 from dataprep.build import StagesConfig, build_after_crawl
@@ -20,13 +19,16 @@ from dataprep.crawl import CrawlConfig, crawl_shards, prepare_crawl
 from dataprep.dedup import DedupConfig, dedup_shards
 from dataprep.filters import FilterConfig, filter_shards
 from dataprep.publish import list_datasets, read_manifest
+from dataprep.quality import STAGES_AFTER_CRAWL, build_quality, final_outcomes
 from dataprep.sampleweb import SampleWebServer, generate_corpus, write_url_list
 from dataprep.stages import KEPT, StageError, Staging
 from dataprep.store import open_store
 from dataprep.url_policy import UrlPolicy
+from pipelines.config import BuildConfig, load_config
 
 NAME = "qa"
-STAGES = ("filter", "embed", "score", "dedup")
+ROOT = Path(__file__).resolve().parents[2]
+STAGES = STAGES_AFTER_CRAWL
 pytestmark = pytest.mark.slow
 
 
@@ -67,9 +69,12 @@ def crawl_into(store, server, urls, work):
 
 
 def stages_config(scorer) -> StagesConfig:
+    """The demo's filter and dedup settings (the quality figures are the demo's), this scorer."""
+    demo = load_config(BuildConfig, ROOT / "configs/demo.yaml")
     return StagesConfig.model_validate(
         {
-            "filter": {"min_image_side": 16, "max_aspect_ratio": 4},
+            "filter": demo.filter.model_dump(),
+            "dedup": demo.dedup.model_dump(),
             "embed": {"model": scorer.recipe.model, "weights": scorer.weights},
             "publish": {"samples_per_shard": 200},
         }
@@ -92,25 +97,6 @@ def built(crawled, clip_scorer, tmp_path_factory):
     manifest = build_after_crawl(staging, stages_config(clip_scorer), tmp_path_factory.mktemp("w"))
     print(f"build after crawl: {time.monotonic() - started:.1f} s")
     return specs, staging, plan, manifest
-
-
-def final_outcomes(staging: Staging, shards) -> dict[str, dict]:
-    """crawl key -> {"url", "stage", "reason", "duplicate_of"} for every sample the crawl kept."""
-    out = {}
-    for shard in shards:
-        for row in staging.table("filter", shard).to_pylist():
-            out[row["key"]] = {"url": row["url"], "stage": "filter", "reason": row["reason"]}
-        for stage in STAGES[1:]:
-            for row in staging.table(stage, shard).to_pylist():
-                if row["reason"] != KEPT:
-                    out[row["key"]] |= {"stage": stage, "reason": row["reason"]}
-                    out[row["key"]]["duplicate_of"] = row.get("duplicate_of")
-    return out
-
-
-def spec_of(specs, outcome) -> dict:
-    by_path = {s.path: s for s in specs}
-    return {key: by_path["/" + o["url"].split("/", 3)[3]] for key, o in outcome.items()}
 
 
 # --------------------------------------------------------------------------- accounting
@@ -178,84 +164,30 @@ def test_rebuild_returns_the_published_version(built, clip_scorer, tmp_path):
 # --------------------------------------------------------------------------- quality
 
 
-def quality_report(specs, staging: Staging, shards) -> dict:
-    """Precision and recall of each stage against the sample web's labels."""
-    outcome = final_outcomes(staging, shards)
-    spec = spec_of(specs, outcome)
-    key_of = {s.key: k for k, s in spec.items()}
-    group = {k: s.duplicate_of or s.key for k, s in spec.items()}  # crawl key -> source picture
-
-    # CLIP score: mismatched captions, among the pairs that reached the score stage
-    scored = {k for k, o in outcome.items() if o["stage"] != "filter" or o["reason"] == KEPT}
-    mismatched = {k for k in scored if spec[k].fault == "mismatched_caption"}
-    low = {k for k in scored if outcome[k]["reason"] == "low_clip_score"}
-
-    def collapsed(k: str, reasons: set[str]) -> bool:
-        """The duplicate or its original was dropped as a duplicate of the other's group."""
-        for a in (k, key_of.get(spec[k].duplicate_of)):
-            o = outcome.get(a)
-            if o and o["reason"] in reasons and group.get(o.get("duplicate_of")) == group[k]:
-                return True
-        return False
-
-    def reached_dedup(k: str) -> bool:
-        original = key_of.get(spec[k].duplicate_of)
-        return (
-            all(
-                outcome.get(a, {}).get("stage") in ("dedup", None) or outcome[a]["reason"] == KEPT
-                for a in (k, original)
-            )
-            and original in outcome
-        )
-
-    exact = [k for k in scored if spec[k].fault == "exact_duplicate" and reached_dedup(k)]
-    near_reasons = {"near_duplicate", "semantic_duplicate"}
-    near = [k for k in scored if spec[k].fault == "near_duplicate" and reached_dedup(k)]
-    near_dropped = [k for k, o in outcome.items() if o["reason"] in near_reasons]
-    near_right = [group[outcome[k]["duplicate_of"]] == group[k] for k in near_dropped]
-
-    # clean, unique, well-captioned samples: dropped by any stage after the crawl
-    referenced = {s.duplicate_of for s in spec.values() if s.duplicate_of}
-    clean = [k for k, s in spec.items() if s.fault is None and s.key not in referenced]
-    clean_drops = Counter(outcome[k]["reason"] for k in clean if outcome[k]["reason"] != KEPT)
-    return {
-        "mismatched": len(mismatched),
-        "score_recall": len(low & mismatched) / max(1, len(mismatched)),
-        "score_precision": len(low & mismatched) / max(1, len(low)),
-        "exact": len(exact),
-        "exact_recall": float(np.mean([collapsed(k, {"exact_duplicate"}) for k in exact])),
-        "near": len(near),
-        "near_recall": float(np.mean([collapsed(k, near_reasons) for k in near])),
-        "near_dropped": len(near_dropped),
-        "near_precision": float(np.mean(near_right)) if near_right else 1.0,
-        "clean": len(clean),
-        "clean_dropped": sum(clean_drops.values()) / len(clean),
-        "clean_drops": dict(clean_drops),
-    }
-
-
 def test_quality_against_ground_truth(built, clip_scorer):
-    """Issue targets met: exact recall 1.0, clean drops <= 2%, mismatched recall >= 0.9. The
-    precision and near-duplicate targets are not met on every corpus yet: see the next test."""
+    """Issue targets on this corpus (seed 5): exact recall 1.0, clean drops <= 2%, mismatched
+    recall >= 0.9, near duplicates recall >= 0.9 at precision >= 0.95. The score precision
+    target holds pooled over corpora (benchmarks/quality.py), not on this one: next test."""
     specs, staging, plan, _ = built
-    q = quality_report(specs, staging, range(plan.shards))
-    print("quality:", q, "threshold", clip_scorer.threshold)
+    quality = build_quality(specs, staging, range(plan.shards))
+    q = quality.figures()
+    print("quality:", quality, q, "threshold", clip_scorer.threshold)
     assert q["exact_recall"] == 1.0, q
     assert q["clean_dropped"] <= 0.02, q
     assert q["score_recall"] >= 0.9, q
+    assert q["near_recall"] >= 0.9 and q["near_precision"] >= 0.95, q
 
 
 @pytest.mark.xfail(
-    reason="not met on every corpus: with 25 planted faults one wrong drop moves a figure by 0.04; "
-    "measured score precision 0.89-0.94, near-duplicate recall 0.84-0.94 at precision 0.88-1.0 "
-    "(clean look-alikes: same shape, colour, size, position, background)",
+    reason="one corpus plants 25 mismatched captions, so each true pair the scorer misreads costs "
+    "~0.04 of precision: 0.83-0.96 per corpus; pooled over 8 corpora the target holds "
+    "(benchmarks/quality.py)",
     strict=False,
 )
-def test_quality_meets_the_issue_targets(built):
+def test_score_precision_meets_the_issue_target_on_one_corpus(built):
     specs, staging, plan, _ = built
-    q = quality_report(specs, staging, range(plan.shards))
+    q = build_quality(specs, staging, range(plan.shards)).figures()
     assert q["score_precision"] >= 0.9, q
-    assert q["near_recall"] >= 0.9 and q["near_precision"] >= 0.95, q
 
 
 # --------------------------------------------------------------------------- resume, S3, errors
