@@ -47,7 +47,7 @@ class PerceptualConfig(BaseModel):
 
     enabled: bool = True
     hamming_threshold: int = Field(16, ge=0, le=63)  # bits of 64
-    colour_threshold: float = Field(2.0, ge=0)  # levels (0-255), L-infinity
+    colour_threshold: float = Field(3.0, ge=0)  # levels (0-255), L-infinity
 
 
 class DedupConfig(BaseModel):
