@@ -22,13 +22,14 @@ so the last layer would have been a row layer). In code the layer at list index 
 ``i = j + 1``.
 
 Sparse computation. Text queries use causal attention over the text alone. Image queries go
-in blocks of consecutive positions: 16 in raster order for row and conv attention, one whole
-column for column attention (after transposing the image, as the paper does). A block attends
-all T text keys plus a window of image keys gathered for it: the union of the keys its queries
-may attend (``block_plan``: built from the dense mask, so it cannot miss one). Scores are
-``[block, T + window]`` instead of ``[block, T + N]``: at 256 + 32 x 32, a row block's window is
-48 image keys, a column's 32, a 11 x 11 conv block's 151, against 1024 for dense attention.
-One softmax runs over text and window scores together, so the result is the dense layer's.
+in blocks: 16 consecutive raster positions for row attention, one whole column for column
+attention (the image transposed, as the paper does), a 4 x 8 tile for conv attention. A block
+attends all T text keys plus a window of image keys gathered for it: the union of the keys its
+queries may attend (``block_plan``: built from the dense mask, so it cannot miss one). Scores
+are ``[block, T + window]`` instead of ``[block, T + N]``: at 256 + 32 x 32, a row block's
+window is 48 image keys, a column's 32, an 11 x 11 conv tile's 157, against 1024 for dense
+attention. One softmax runs over text and window scores together, so the result is the dense
+layer's. Forward and backward are written out (``_BlockSparseAttention``), not left to autograd.
 """
 
 from __future__ import annotations
@@ -124,28 +125,47 @@ def _full_mask_cached(kind: Kind, layout: Layout, kernel: int) -> torch.Tensor:
     return full_mask(kind, layout, kernel)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BlockPlan:
     """How one layer's image queries are computed sparsely.
 
-    Queries go in blocks of ``size`` consecutive positions of the computation order (raster
-    order; column-major for column attention, so a column is one block). Block b attends all
-    text keys plus image keys ``key_index[b]`` (computation-order position + 1; 0 is an all-zero
-    padding key, masked), ``window`` of them: the union of the keys its queries may attend.
-    ``mask[b, i, j]``: query i of block b attends window key j.
+    Image positions are visited in a computation order (``order[i]`` is the raster position of
+    the i-th; None: raster order) and cut into blocks of ``size`` consecutive ones. Block b
+    attends all text keys plus image keys ``key_index[b]`` (computation-order position + 1; 0 is
+    an all-zero padding key, masked), ``window`` of them: the union of the keys its queries may
+    attend. ``mask[b, i, j]``: query i of block b attends window key j.
     """
 
     size: int
     blocks: int
     window: int
-    transposed: bool
+    order: torch.Tensor | None  # [N] int64, raster position of each computation-order position
+    inverse: torch.Tensor | None  # [N] int64, computation-order position of each raster position
     key_index: torch.Tensor  # [blocks, window] int64
     mask: torch.Tensor  # [blocks, size, window] bool
 
 
-# Row and conv queries per block: smaller blocks gather fewer keys per query but run more,
-# smaller matmuls; 16 was fastest at the paper's layout on CPU (8 and 32 slower).
+# Query blocks. Row attention takes 16 consecutive raster positions (its window, 16 + W keys,
+# is contiguous); column attention a whole column (the paper's transposed image); conv attention
+# a 4 x 8 tile of the image, whose 11 x 11 windows span 157 keys (32 raster positions: 197).
+# Measured fastest at the paper's layout on CPU (conv: 2 x 8, 2 x 16, 4 x 16 and 8 x 8 tiles
+# within 10%, 16 raster positions 1.6x slower).
 QUERY_BLOCK = 16
+CONV_TILE = (4, 8)
+
+
+def _block_order(kind: Kind, layout: Layout) -> tuple[torch.Tensor | None, int]:
+    """(computation order or None for raster, block size) of ``kind`` at ``layout``."""
+    rows, cols = layout.rows, layout.cols
+    if kind == "column":
+        tile = (rows, 1)
+    elif kind == "conv" and rows % CONV_TILE[0] == 0 and cols % CONV_TILE[1] == 0:
+        tile = CONV_TILE
+    else:
+        return None, math.gcd(QUERY_BLOCK, layout.image_len)
+    th, tw = tile
+    raster = torch.arange(layout.image_len).view(rows // th, th, cols // tw, tw)
+    return raster.permute(0, 2, 1, 3).reshape(-1), th * tw
 
 
 @functools.lru_cache(maxsize=64)
@@ -153,13 +173,12 @@ def block_plan(kind: Kind, layout: Layout, kernel: int = 11) -> BlockPlan:
     """The blocks and key windows of ``kind`` at ``layout``, from its dense mask."""
     dense = image_mask(kind, layout, kernel)  # raster order
     n = layout.image_len
-    transposed = kind == "column"
-    if transposed:  # computation order: column-major
-        order = torch.arange(n).view(layout.rows, layout.cols).t().reshape(-1)
+    order, size = _block_order(kind, layout)
+    inverse = None
+    if order is not None:
         dense = dense[order][:, order]
-        size = layout.rows
-    else:
-        size = math.gcd(QUERY_BLOCK, n)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(n)
     blocks = n // size
     keys = [dense[b * size : (b + 1) * size].any(dim=0).nonzero().flatten() for b in range(blocks)]
     window = max(len(k) for k in keys)
@@ -168,61 +187,147 @@ def block_plan(kind: Kind, layout: Layout, kernel: int = 11) -> BlockPlan:
     for b, k in enumerate(keys):
         key_index[b, : len(k)] = k + 1
         mask[b, :, : len(k)] = dense[b * size : (b + 1) * size, k]
-    return BlockPlan(size, blocks, window, transposed, key_index, mask)
+    return BlockPlan(size, blocks, window, order, inverse, key_index, mask)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan_on(plan: BlockPlan, device: torch.device) -> BlockPlan:
+    """The plan's index tensors on ``device`` (copied once, not per call)."""
+    move = lambda x: None if x is None else x.to(device)  # noqa: E731
+    return BlockPlan(
+        plan.size,
+        plan.blocks,
+        plan.window,
+        move(plan.order),
+        move(plan.inverse),
+        move(plan.key_index).flatten(),
+        move(plan.mask),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _causal_bias(t: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.full((t, t), float("-inf"), dtype=dtype, device=device).triu(1)
 
 
 def sparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: Kind, layout: Layout, kernel: int = 11
 ) -> torch.Tensor:
     """The layer's attention, computed block-sparsely. q, k, v: [B, h, S, d] -> [B, h, S, d]."""
-    t = layout.text_len
-    q_text, k_text, v_text = q[:, :, :t], k[:, :, :t], v[:, :, :t]
-    out_text = F.scaled_dot_product_attention(q_text, k_text, v_text, is_causal=True)
-    plan = block_plan(kind, layout, kernel)
-    q_image, k_image, v_image = q[:, :, t:], k[:, :, t:], v[:, :, t:]
-    if plan.transposed:
-        q_image, k_image, v_image = (
-            _transpose_image(x, layout) for x in (q_image, k_image, v_image)
-        )
-    out_image = _image_attention(q_image, k_image, v_image, k_text, v_text, plan)
-    if plan.transposed:
-        out_image = _transpose_image(out_image, Layout(t, layout.cols, layout.rows))
-    return torch.cat([out_text, out_image], dim=2)
+    plan = _plan_on(block_plan(kind, layout, kernel), q.device)
+    return _BlockSparseAttention.apply(q, k, v, plan, layout.text_len)
 
 
-def _transpose_image(x: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """[B, h, rows*cols, d] in raster order -> the same tokens in column-major order."""
-    bsz, heads, _, dim = x.shape
-    x = x.view(bsz, heads, layout.rows, layout.cols, dim).transpose(2, 3)
-    return x.reshape(bsz, heads, layout.image_len, dim)
+class _BlockSparseAttention(torch.autograd.Function):
+    """Text queries: causal over the text. Image queries: all text keys + their block's window,
+    one softmax over both. Forward and backward by hand (flash-attention's dS = P * (dP - rowsum
+    (dO * O))): autograd of the same ops spent as long on slicing, concatenating and zero-filled
+    slice gradients as on the matmuls. Text and window scores share one buffer; the gathered
+    window keys and values are not kept for the backward but gathered again."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan: BlockPlan, t: int):
+        bsz, heads, seq, dim = q.shape
+        bh, n = bsz * heads, seq - t
+        q, k, v = (x.reshape(bh, seq, dim) for x in (q, k, v))
+        qs = q * dim**-0.5
+        qs_t, k_t, v_t = qs[:, :t], k[:, :t], v[:, :t]
+        qs_i, k_i, v_i = (_image_part(x, t, plan) for x in (qs, k, v))
+
+        p_text = _softmax(torch.baddbmm(_causal_bias(t, q.dtype, q.device), qs_t, k_t.mT))
+        out_t = torch.bmm(p_text, v_t)
+
+        k_w, v_w = _gather(k_i, plan), _gather(v_i, plan)  # [bh * blocks, window, d]
+        scores = q.new_empty(bh, n, t + plan.window)
+        torch.bmm(qs_i, k_t.mT, out=scores[:, :, :t])
+        local = _local(scores, t, plan)
+        torch.bmm(_blocks(qs_i, plan), k_w.mT, out=local)
+        local.view(bh, plan.blocks, plan.size, plan.window).masked_fill_(~plan.mask, float("-inf"))
+        probs = _softmax(scores)
+        out_i = torch.bmm(probs[:, :, :t], v_t)
+        _blocks(out_i, plan).baddbmm_(_local(probs, t, plan), v_w)
+
+        ctx.save_for_backward(qs_t, k_t, v_t, qs_i, k_i, v_i, p_text, probs, out_t, out_i)
+        ctx.plan, ctx.shape = plan, (bsz, heads, seq, dim)
+        out = torch.cat([out_t, _raster(out_i, plan)], dim=1)
+        return out.view(bsz, heads, seq, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        qs_t, k_t, v_t, qs_i, k_i, v_i, p_text, probs, out_t, out_i = ctx.saved_tensors
+        plan, (bsz, heads, seq, dim) = ctx.plan, ctx.shape
+        bh, t = bsz * heads, qs_t.shape[1]
+        scale = dim**-0.5
+        grad = grad.reshape(bh, seq, dim)
+        g_t, g_i = grad[:, :t], _image_part(grad, t, plan)
+
+        # text queries
+        ds = torch.bmm(g_t, v_t.mT).sub_((g_t * out_t).sum(-1, keepdim=True)).mul_(p_text)
+        dq_t = torch.bmm(ds, k_t).mul_(scale)
+        dk_t = torch.bmm(ds.mT, qs_t)
+        dv_t = torch.bmm(p_text.mT, g_t)
+
+        # image queries
+        k_w, v_w = _gather(k_i, plan), _gather(v_i, plan)
+        g_blocks = _blocks(g_i, plan)
+        ds = torch.empty_like(probs)
+        torch.bmm(g_i, v_t.mT, out=ds[:, :, :t])
+        torch.bmm(g_blocks, v_w.mT, out=_local(ds, t, plan))
+        ds.sub_((g_i * out_i).sum(-1, keepdim=True)).mul_(probs)  # masked keys: probs 0
+        ds_local, p_local = _local(ds, t, plan), _local(probs, t, plan)
+        dq_i = torch.bmm(ds[:, :, :t], k_t)
+        _blocks(dq_i, plan).baddbmm_(ds_local, k_w)
+        dq_i.mul_(scale)
+        dk_t.baddbmm_(ds[:, :, :t].mT, qs_i)
+        dv_t.baddbmm_(probs[:, :, :t].mT, g_i)
+        dk_i = _scatter(torch.bmm(ds_local.mT, _blocks(qs_i, plan)), plan, bh, dim)
+        dv_i = _scatter(torch.bmm(p_local.mT, g_blocks), plan, bh, dim)
+
+        def whole(text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+            return torch.cat([text, _raster(image, plan)], dim=1).view(bsz, heads, seq, dim)
+
+        return whole(dq_t, dq_i), whole(dk_t, dk_i), whole(dv_t, dv_i), None, None
 
 
-def _image_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_text: torch.Tensor,
-    v_text: torch.Tensor,
-    plan: BlockPlan,
-) -> torch.Tensor:
-    """Image queries against all text keys and their block's window of image keys.
-    q, k, v: [B, h, N, d] in computation order; k_text, v_text: [B, h, T, d] -> [B, h, N, d]."""
-    bsz, heads, n, dim = q.shape
-    t = k_text.shape[2]
-    nb, size, window = plan.blocks, plan.size, plan.window
-    index = plan.key_index.to(q.device).flatten()
-    pad = q.new_zeros(bsz, heads, 1, dim)  # key 0: padding, always masked
+def _softmax(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim in float32 at least (as the fused kernels do), in the input's
+    dtype."""
+    if scores.dtype in (torch.float32, torch.float64):
+        return scores.softmax(dim=-1)
+    return scores.softmax(dim=-1, dtype=torch.float32).to(scores.dtype)
 
-    def gather(x: torch.Tensor) -> torch.Tensor:  # [B, h, N, d] -> [B, h, nb, window, d]
-        return torch.cat([pad, x], dim=2).index_select(2, index).view(bsz, heads, nb, window, dim)
 
-    k_local, v_local = gather(k), gather(v)
-    q = q * dim**-0.5
-    scores_text = (q @ k_text.transpose(-1, -2)).view(bsz, heads, nb, size, t)
-    scores_local = q.view(bsz, heads, nb, size, dim) @ k_local.transpose(-1, -2)
-    scores_local = scores_local.masked_fill(~plan.mask.to(q.device), float("-inf"))
-    # one softmax over text + window keys, in fp32 at least (as the fused kernels do)
-    scores = torch.cat([scores_text, scores_local], dim=-1)
-    probs = scores.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
-    out = probs[..., :t].reshape(bsz, heads, n, t) @ v_text  # [B, h, N, d]
-    return out + (probs[..., t:] @ v_local).view(bsz, heads, n, dim)
+def _image_part(x: torch.Tensor, t: int, plan: BlockPlan) -> torch.Tensor:
+    """[bh, S, d] -> the image positions [bh, N, d], contiguous, in computation order."""
+    if plan.order is None:
+        return x[:, t:].contiguous()
+    return x[:, t:].index_select(1, plan.order)
+
+
+def _raster(x: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
+    """[bh, N, d] in computation order -> raster order."""
+    return x if plan.inverse is None else x.index_select(1, plan.inverse)
+
+
+def _blocks(x: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
+    """[bh, N, d] -> [bh * blocks, size, d] (a view)."""
+    return x.view(-1, plan.size, x.shape[-1])
+
+
+def _local(scores: torch.Tensor, t: int, plan: BlockPlan) -> torch.Tensor:
+    """The window part of [bh, N, t + window] scores as [bh * blocks, size, window] (a view)."""
+    return scores[:, :, t:].view(-1, plan.size, plan.window)
+
+
+def _gather(x: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
+    """[bh, N, d] -> each block's window of keys [bh * blocks, window, d] (padding: zeros)."""
+    padded = torch.cat([x.new_zeros(x.shape[0], 1, x.shape[2]), x], dim=1)
+    return padded.index_select(1, plan.key_index).view(-1, plan.window, x.shape[2])
+
+
+def _scatter(grad_w: torch.Tensor, plan: BlockPlan, bh: int, dim: int) -> torch.Tensor:
+    """Window gradients [bh * blocks, window, d] summed back onto the keys [bh, N, d]."""
+    n = plan.blocks * plan.size
+    out = grad_w.new_zeros(bh, n + 1, dim)
+    out.index_add_(1, plan.key_index, grad_w.view(bh, -1, dim))
+    return out[:, 1:]
