@@ -128,7 +128,7 @@ def _scorer_overrides(path: Path) -> list[str]:
 
 
 def _ensure_scorer(path: Path) -> None:
-    """The build's CLIP scorer: trained once (about a minute), then reused from the cache."""
+    """The build's CLIP scorer: trained once (about 100 s), then reused from the cache."""
     from training.scorer import ensure_scorer
 
     print(f"[demo] CLIP scorer for the build: {path} (trained on first use)")
