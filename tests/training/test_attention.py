@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from training.models import attention
 from training.models.attention import (
     KINDS,
     Layout,
@@ -108,3 +109,58 @@ def test_sparse_in_float32_and_bfloat16_matches_dense():
                 atol=tol,
                 rtol=tol,
             )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sparse_in_chunks_of_heads_equals_dense(kind, monkeypatch):
+    # one head per chunk, and chunks of 4 of 6 heads (the last chunk smaller)
+    layout = Layout(8, 8, 8)
+    plan = attention._plan_on(block_plan(kind, layout, 5), layout.text_len, torch.device("cpu"))
+    per_head = layout.image_len * (layout.text_len + plan.window) * 8  # float64 scores
+    for chunk_bytes, chunks in ((1, 6), (4 * per_head, 2)):
+        monkeypatch.setattr(attention, "CPU_CHUNK_BYTES", chunk_bytes)
+        assert len(attention._chunks(6, per_head, torch.device("cpu"))) == chunks
+        torch.manual_seed(0)
+        shape = (2, 3, layout.seq_len, 8)
+        q, k, v = (torch.randn(shape, dtype=torch.float64, requires_grad=True) for _ in range(3))
+        sparse = sparse_attention(q, k, v, kind, layout, 5)
+        dense = dense_attention(q, k, v, kind, layout, 5)
+        torch.testing.assert_close(sparse, dense)
+        upstream = torch.randn_like(dense)
+        for a, b in zip(
+            torch.autograd.grad(sparse, (q, k, v), upstream),
+            torch.autograd.grad(dense, (q, k, v), upstream),
+            strict=True,
+        ):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sparse_takes_non_contiguous_views(kind):
+    # the model passes q, k, v as permuted views of [B, S, h, d]
+    layout = Layout(5, 3, 7)
+    torch.manual_seed(0)
+    x = torch.randn(3, 1, layout.seq_len, 2, 4, dtype=torch.float64, requires_grad=True)
+    q, k, v = (x[i].permute(0, 2, 1, 3) for i in range(3))
+    sparse = sparse_attention(q, k, v, kind, layout, 11)
+    dense = dense_attention(q, k, v, kind, layout, 11)
+    torch.testing.assert_close(sparse, dense)
+    upstream = torch.randn_like(dense)
+    (g_sparse,) = torch.autograd.grad(sparse, x, upstream)
+    (g_dense,) = torch.autograd.grad(dense, x, upstream)
+    torch.testing.assert_close(g_sparse, g_dense)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_kernel_plan_pads_windows_with_masked_keys(kind):
+    layout = Layout(256, 32, 32)
+    plan = block_plan(kind, layout, 11)
+    padded = attention._plan_on(plan, layout.text_len, torch.device("cpu"))
+    assert (layout.text_len + padded.window) % attention.ALIGN == 0
+    assert padded.window - plan.window < attention.ALIGN
+    assert torch.equal(padded.mask[:, :, : plan.window], plan.mask)
+    assert not padded.mask[:, :, plan.window :].any()
+    # kernel plan: raster positions of the same keys
+    order = torch.arange(layout.image_len) if plan.order is None else plan.order
+    keys = padded.key_index.view(plan.blocks, -1)[:, : plan.window]
+    assert torch.equal(keys, order[plan.key_index])

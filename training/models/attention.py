@@ -30,6 +30,15 @@ are ``[block, T + window]`` instead of ``[block, T + N]``: at 256 + 32 x 32, a r
 window is 48 image keys, a column's 32, an 11 x 11 conv tile's 157, against 1024 for dense
 attention. One softmax runs over text and window scores together, so the result is the dense
 layer's. Forward and backward are written out (``_BlockSparseAttention``), not left to autograd.
+
+What made it fast on CPU (1 thread, paper layout; the matmuls are now ~80% of the time): image
+queries go through the kernel one head at a time (``CPU_CHUNK_BYTES``: operands stay in cache,
+15-20% faster than all heads at once); score rows are padded to 64 bytes (``ALIGN``, with
+masked padding keys); the window mask is an additive -inf bias, not ``masked_fill_``; keys are
+gathered from, and their gradients scattered onto, the raster-ordered keys (only queries are
+permuted into blocks). What bounds it: every image query attends all 256 text keys, and a conv
+tile's window holds 157 keys for the 61 each query attends (smaller tiles: smaller windows but
+slower small matmuls), so conv does (256 + 160) / 1280 of the dense image work, less efficiently.
 """
 
 from __future__ import annotations
@@ -131,9 +140,10 @@ class BlockPlan:
 
     Image positions are visited in a computation order (``order[i]`` is the raster position of
     the i-th; None: raster order) and cut into blocks of ``size`` consecutive ones. Block b
-    attends all text keys plus image keys ``key_index[b]`` (computation-order position + 1; 0 is
-    an all-zero padding key, masked), ``window`` of them: the union of the keys its queries may
-    attend. ``mask[b, i, j]``: query i of block b attends window key j.
+    attends all text keys plus image keys ``key_index[b]`` (computation-order positions),
+    ``window`` of them: the union of the keys its queries may attend, then padding entries
+    (position 0, masked) where a block's union is smaller. ``mask[b, i, j]``: query i of block b
+    attends window key j.
     """
 
     size: int
@@ -185,24 +195,59 @@ def block_plan(kind: Kind, layout: Layout, kernel: int = 11) -> BlockPlan:
     key_index = torch.zeros(blocks, window, dtype=torch.long)
     mask = torch.zeros(blocks, size, window, dtype=torch.bool)
     for b, k in enumerate(keys):
-        key_index[b, : len(k)] = k + 1
+        key_index[b, : len(k)] = k
         mask[b, :, : len(k)] = dense[b * size : (b + 1) * size, k]
     return BlockPlan(size, blocks, window, order, inverse, key_index, mask)
 
 
+# Score rows (text_len + window) are padded to a multiple of this many elements (64 bytes in
+# float32): matmuls writing and reading rows of odd length ran up to 20% slower on CPU.
+ALIGN = 16
+# On CPU, image queries go through the kernel in chunks of heads whose score buffer is about
+# this size: the matmuls ran 15-20% faster on one head's 1.7 MB of scores (paper layout) than on
+# four heads' at once, their operands staying in cache. Other devices take all heads at once.
+CPU_CHUNK_BYTES = 2 << 20
+
+
 @functools.lru_cache(maxsize=256)
-def _plan_on(plan: BlockPlan, device: torch.device) -> BlockPlan:
-    """The plan's index tensors on ``device`` (copied once, not per call)."""
+def _plan_on(plan: BlockPlan, t: int, device: torch.device) -> BlockPlan:
+    """The plan as the kernel uses it, on ``device`` (copied once, not per call): windows padded
+    with masked padding keys so that ``t + window`` is a multiple of ``ALIGN``, and ``key_index``
+    flat and in raster positions: keys are gathered from (and their gradients scattered onto)
+    the raster-ordered image part, only queries are permuted into computation order."""
+    window = -(-(t + plan.window) // ALIGN) * ALIGN - t
+    pad = window - plan.window
+    keys = F.pad(plan.key_index, (0, pad))
+    if plan.order is not None:
+        keys = plan.order[keys]
     move = lambda x: None if x is None else x.to(device)  # noqa: E731
     return BlockPlan(
         plan.size,
         plan.blocks,
-        plan.window,
+        window,
         move(plan.order),
         move(plan.inverse),
-        move(plan.key_index).flatten(),
-        move(plan.mask),
+        move(keys).flatten(),
+        move(F.pad(plan.mask, (0, pad))),
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _mask_bias(plan: BlockPlan, dtype: torch.dtype) -> torch.Tensor:
+    """[blocks, size, window]: 0 where the window key is attended, -inf where not. Adding it
+    is ~20x faster than ``masked_fill_`` with a broadcast mask on CPU."""
+    bias = torch.zeros(plan.mask.shape, dtype=dtype, device=plan.mask.device)
+    return bias.masked_fill_(~plan.mask, float("-inf"))
+
+
+@functools.lru_cache(maxsize=256)
+def _flat_index(plan: BlockPlan, heads: int, t: int) -> torch.Tensor:
+    """Rows of each head's window keys in ``heads`` heads' [heads * S, d] keys (S = t + N): the
+    gather and the gradient scatter index the flat 2-d tensor, 10x (index_select) and 2-4x
+    (index_add_) faster on CPU than along dim 1 of [heads, S, d]."""
+    seq = t + plan.blocks * plan.size
+    offsets = torch.arange(heads, device=plan.key_index.device).view(-1, 1) * seq + t
+    return (plan.key_index.view(1, -1) + offsets).flatten()
 
 
 @functools.lru_cache(maxsize=64)
@@ -214,7 +259,7 @@ def sparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: Kind, layout: Layout, kernel: int = 11
 ) -> torch.Tensor:
     """The layer's attention, computed block-sparsely. q, k, v: [B, h, S, d] -> [B, h, S, d]."""
-    plan = _plan_on(block_plan(kind, layout, kernel), q.device)
+    plan = _plan_on(block_plan(kind, layout, kernel), layout.text_len, q.device)
     return _BlockSparseAttention.apply(q, k, v, plan, layout.text_len)
 
 
@@ -223,40 +268,48 @@ class _BlockSparseAttention(torch.autograd.Function):
     one softmax over both. Forward and backward by hand (flash-attention's dS = P * (dP - rowsum
     (dO * O))): autograd of the same ops spent as long on slicing, concatenating and zero-filled
     slice gradients as on the matmuls. Text and window scores share one buffer; the gathered
-    window keys and values are not kept for the backward but gathered again."""
+    window keys and values are not kept for the backward but gathered again. Batch and heads
+    are one batch dim (bh); image queries go in chunks of it (``_chunks``)."""
 
     @staticmethod
     def forward(ctx, q, k, v, plan: BlockPlan, t: int):
         bsz, heads, seq, dim = q.shape
-        bh, n = bsz * heads, seq - t
-        q, k, v = (x.reshape(bh, seq, dim) for x in (q, k, v))
+        bh, n, width = bsz * heads, seq - t, t + plan.window
+        q, k, v = (x.reshape(bh, seq, dim).contiguous() for x in (q, k, v))
         qs = q * dim**-0.5
         qs_t, k_t, v_t = qs[:, :t], k[:, :t], v[:, :t]
-        qs_i, k_i, v_i = (_image_part(x, t, plan) for x in (qs, k, v))
+        qs_i = _image_part(qs, t, plan)
 
         p_text = _softmax(torch.baddbmm(_causal_bias(t, q.dtype, q.device), qs_t, k_t.mT))
         out_t = torch.bmm(p_text, v_t)
 
-        k_w, v_w = _gather(k_i, plan), _gather(v_i, plan)  # [bh * blocks, window, d]
-        scores = q.new_empty(bh, n, t + plan.window)
-        torch.bmm(qs_i, k_t.mT, out=scores[:, :, :t])
-        local = _local(scores, t, plan)
-        torch.bmm(_blocks(qs_i, plan), k_w.mT, out=local)
-        local.view(bh, plan.blocks, plan.size, plan.window).masked_fill_(~plan.mask, float("-inf"))
-        probs = _softmax(scores)
-        out_i = torch.bmm(probs[:, :, :t], v_t)
-        _blocks(out_i, plan).baddbmm_(_local(probs, t, plan), v_w)
+        probs = q.new_empty(bh, n, width)
+        out_i = q.new_empty(bh, n, dim)
+        chunks = _chunks(bh, n * width * q.element_size(), q.device)
+        scores = q.new_empty(chunks[0].stop - chunks[0].start, n, width)
+        bias = _mask_bias(plan, q.dtype)
+        for c in chunks:
+            s = scores[: c.stop - c.start]
+            k_w, v_w = _gather(k[c], plan, t), _gather(v[c], plan, t)  # [c * blocks, window, d]
+            torch.bmm(qs_i[c], k_t[c].mT, out=s[:, :, :t])
+            local = _local(s, t, plan)
+            torch.bmm(_blocks(qs_i[c], plan), k_w.mT, out=local)
+            local.view(-1, plan.blocks, plan.size, plan.window).add_(bias)
+            _softmax(s, out=probs[c])
+            torch.bmm(probs[c, :, :t], v_t[c], out=out_i[c])
+            _blocks(out_i[c], plan).baddbmm_(_local(probs[c], t, plan), v_w)
 
-        ctx.save_for_backward(qs_t, k_t, v_t, qs_i, k_i, v_i, p_text, probs, out_t, out_i)
+        ctx.save_for_backward(qs_t, k, v, qs_i, p_text, probs, out_t, out_i)
         ctx.plan, ctx.shape = plan, (bsz, heads, seq, dim)
         out = torch.cat([out_t, _raster(out_i, plan)], dim=1)
         return out.view(bsz, heads, seq, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        qs_t, k_t, v_t, qs_i, k_i, v_i, p_text, probs, out_t, out_i = ctx.saved_tensors
+        qs_t, k, v, qs_i, p_text, probs, out_t, out_i = ctx.saved_tensors
         plan, (bsz, heads, seq, dim) = ctx.plan, ctx.shape
         bh, t = bsz * heads, qs_t.shape[1]
+        k_t, v_t = k[:, :t], v[:, :t]
         scale = dim**-0.5
         grad = grad.reshape(bh, seq, dim)
         g_t, g_i = grad[:, :t], _image_part(grad, t, plan)
@@ -268,33 +321,47 @@ class _BlockSparseAttention(torch.autograd.Function):
         dv_t = torch.bmm(p_text.mT, g_t)
 
         # image queries
-        k_w, v_w = _gather(k_i, plan), _gather(v_i, plan)
-        g_blocks = _blocks(g_i, plan)
-        ds = torch.empty_like(probs)
-        torch.bmm(g_i, v_t.mT, out=ds[:, :, :t])
-        torch.bmm(g_blocks, v_w.mT, out=_local(ds, t, plan))
-        ds.sub_((g_i * out_i).sum(-1, keepdim=True)).mul_(probs)  # masked keys: probs 0
-        ds_local, p_local = _local(ds, t, plan), _local(probs, t, plan)
-        dq_i = torch.bmm(ds[:, :, :t], k_t)
-        _blocks(dq_i, plan).baddbmm_(ds_local, k_w)
+        rowsum = (g_i * out_i).sum(-1, keepdim=True)
+        dq_i = torch.empty_like(out_i)
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)  # image keys: scattered into
+        chunks = _chunks(bh, probs[0].numel() * probs.element_size(), probs.device)
+        ds = torch.empty_like(probs[chunks[0]])
+        for c in chunks:
+            d = ds[: c.stop - c.start]
+            k_w, v_w = _gather(k[c], plan, t), _gather(v[c], plan, t)
+            g_blocks, qs_blocks = _blocks(g_i[c], plan), _blocks(qs_i[c], plan)
+            torch.bmm(g_i[c], v_t[c].mT, out=d[:, :, :t])
+            torch.bmm(g_blocks, v_w.mT, out=_local(d, t, plan))
+            d.sub_(rowsum[c]).mul_(probs[c])  # masked keys: probs 0
+            ds_local, p_local = _local(d, t, plan), _local(probs[c], t, plan)
+            torch.bmm(d[:, :, :t], k_t[c], out=dq_i[c])
+            _blocks(dq_i[c], plan).baddbmm_(ds_local, k_w)
+            dk_t[c].baddbmm_(d[:, :, :t].mT, qs_i[c])
+            dv_t[c].baddbmm_(probs[c, :, :t].mT, g_i[c])
+            index = _flat_index(plan, c.stop - c.start, t)
+            for target, a, b in ((dk, ds_local, qs_blocks), (dv, p_local, g_blocks)):
+                target[c].view(-1, dim).index_add_(0, index, torch.bmm(a.mT, b).flatten(0, 1))
         dq_i.mul_(scale)
-        dk_t.baddbmm_(ds[:, :, :t].mT, qs_i)
-        dv_t.baddbmm_(probs[:, :, :t].mT, g_i)
-        dk_i = _scatter(torch.bmm(ds_local.mT, _blocks(qs_i, plan)), plan, bh, dim)
-        dv_i = _scatter(torch.bmm(p_local.mT, g_blocks), plan, bh, dim)
 
-        def whole(text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-            return torch.cat([text, _raster(image, plan)], dim=1).view(bsz, heads, seq, dim)
-
-        return whole(dq_t, dq_i), whole(dk_t, dk_i), whole(dv_t, dv_i), None, None
+        dk[:, :t] = dk_t
+        dv[:, :t] = dv_t
+        dq = torch.cat([dq_t, _raster(dq_i, plan)], dim=1)
+        return tuple(x.view(bsz, heads, seq, dim) for x in (dq, dk, dv)) + (None, None)
 
 
-def _softmax(scores: torch.Tensor) -> torch.Tensor:
+def _chunks(bh: int, bytes_per_head: int, device: torch.device) -> list[slice]:
+    """Slices of the bh dim that image queries go through the kernel in (see CPU_CHUNK_BYTES)."""
+    step = bh if device.type != "cpu" else max(1, min(bh, CPU_CHUNK_BYTES // bytes_per_head))
+    return [slice(i, min(i + step, bh)) for i in range(0, bh, step)]
+
+
+def _softmax(scores: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax over the last dim in float32 at least (as the fused kernels do), in the input's
-    dtype."""
+    dtype; into ``out`` if given."""
     if scores.dtype in (torch.float32, torch.float64):
-        return scores.softmax(dim=-1)
-    return scores.softmax(dim=-1, dtype=torch.float32).to(scores.dtype)
+        return torch.softmax(scores, dim=-1, out=out) if out is not None else scores.softmax(-1)
+    probs = scores.softmax(dim=-1, dtype=torch.float32)
+    return out.copy_(probs) if out is not None else probs.to(scores.dtype)
 
 
 def _image_part(x: torch.Tensor, t: int, plan: BlockPlan) -> torch.Tensor:
@@ -319,15 +386,7 @@ def _local(scores: torch.Tensor, t: int, plan: BlockPlan) -> torch.Tensor:
     return scores[:, :, t:].view(-1, plan.size, plan.window)
 
 
-def _gather(x: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
-    """[bh, N, d] -> each block's window of keys [bh * blocks, window, d] (padding: zeros)."""
-    padded = torch.cat([x.new_zeros(x.shape[0], 1, x.shape[2]), x], dim=1)
-    return padded.index_select(1, plan.key_index).view(-1, plan.window, x.shape[2])
-
-
-def _scatter(grad_w: torch.Tensor, plan: BlockPlan, bh: int, dim: int) -> torch.Tensor:
-    """Window gradients [bh * blocks, window, d] summed back onto the keys [bh, N, d]."""
-    n = plan.blocks * plan.size
-    out = grad_w.new_zeros(bh, n + 1, dim)
-    out.index_add_(1, plan.key_index, grad_w.view(bh, -1, dim))
-    return out[:, 1:]
+def _gather(x: torch.Tensor, plan: BlockPlan, t: int) -> torch.Tensor:
+    """Contiguous [heads, S, d] -> each block's window of image keys [heads * blocks, window, d]."""
+    index = _flat_index(plan, x.shape[0], t)
+    return x.view(-1, x.shape[2]).index_select(0, index).view(-1, plan.window, x.shape[2])
