@@ -158,8 +158,8 @@ class BlockPlan:
 # Query blocks. Row attention takes 16 consecutive raster positions (its window, 16 + W keys,
 # is contiguous); column attention a whole column (the paper's transposed image); conv attention
 # a 4 x 8 tile of the image, whose 11 x 11 windows span 157 keys (32 raster positions: 197).
-# Measured fastest at the paper's layout on CPU (conv: 2 x 8, 2 x 16, 4 x 16 and 8 x 8 tiles
-# within 10%, 16 raster positions 1.6x slower).
+# Measured fastest at the paper's layout on CPU (conv, forward + backward: 8 x 8 tiles 5% slower,
+# 2 x 8 and 4 x 16 6%, 2 x 16 9%, 4 x 4 12%; row: blocks of 32 or 64 within noise).
 QUERY_BLOCK = 16
 CONV_TILE = (4, 8)
 
@@ -240,11 +240,11 @@ def _mask_bias(plan: BlockPlan, dtype: torch.dtype) -> torch.Tensor:
     return bias.masked_fill_(~plan.mask, float("-inf"))
 
 
-@functools.lru_cache(maxsize=256)
 def _flat_index(plan: BlockPlan, heads: int, t: int) -> torch.Tensor:
     """Rows of each head's window keys in ``heads`` heads' [heads * S, d] keys (S = t + N): the
-    gather and the gradient scatter index the flat 2-d tensor, 10x (index_select) and 2-4x
-    (index_add_) faster on CPU than along dim 1 of [heads, S, d]."""
+    gather and the gradient scatter index the flat 2-d tensor (index_add_ along its dim 0 was 2-4x
+    faster on CPU than along dim 1 of [heads, S, d]). Built per call, not cached: with all heads
+    at once (GPU) it has bh * blocks * window entries."""
     seq = t + plan.blocks * plan.size
     offsets = torch.arange(heads, device=plan.key_index.device).view(-1, 1) * seq + t
     return (plan.key_index.view(1, -1) + offsets).flatten()
@@ -290,7 +290,8 @@ class _BlockSparseAttention(torch.autograd.Function):
         bias = _mask_bias(plan, q.dtype)
         for c in chunks:
             s = scores[: c.stop - c.start]
-            k_w, v_w = _gather(k[c], plan, t), _gather(v[c], plan, t)  # [c * blocks, window, d]
+            index = _flat_index(plan, c.stop - c.start, t)
+            k_w, v_w = _gather(k[c], plan, index), _gather(v[c], plan, index)  # [c * blocks, W, d]
             torch.bmm(qs_i[c], k_t[c].mT, out=s[:, :, :t])
             local = _local(s, t, plan)
             torch.bmm(_blocks(qs_i[c], plan), k_w.mT, out=local)
@@ -328,7 +329,8 @@ class _BlockSparseAttention(torch.autograd.Function):
         ds = torch.empty_like(probs[chunks[0]])
         for c in chunks:
             d = ds[: c.stop - c.start]
-            k_w, v_w = _gather(k[c], plan, t), _gather(v[c], plan, t)
+            index = _flat_index(plan, c.stop - c.start, t)
+            k_w, v_w = _gather(k[c], plan, index), _gather(v[c], plan, index)
             g_blocks, qs_blocks = _blocks(g_i[c], plan), _blocks(qs_i[c], plan)
             torch.bmm(g_i[c], v_t[c].mT, out=d[:, :, :t])
             torch.bmm(g_blocks, v_w.mT, out=_local(d, t, plan))
@@ -338,7 +340,6 @@ class _BlockSparseAttention(torch.autograd.Function):
             _blocks(dq_i[c], plan).baddbmm_(ds_local, k_w)
             dk_t[c].baddbmm_(d[:, :, :t].mT, qs_i[c])
             dv_t[c].baddbmm_(probs[c, :, :t].mT, g_i[c])
-            index = _flat_index(plan, c.stop - c.start, t)
             for target, a, b in ((dk, ds_local, qs_blocks), (dv, p_local, g_blocks)):
                 target[c].view(-1, dim).index_add_(0, index, torch.bmm(a.mT, b).flatten(0, 1))
         dq_i.mul_(scale)
@@ -386,7 +387,6 @@ def _local(scores: torch.Tensor, t: int, plan: BlockPlan) -> torch.Tensor:
     return scores[:, :, t:].view(-1, plan.size, plan.window)
 
 
-def _gather(x: torch.Tensor, plan: BlockPlan, t: int) -> torch.Tensor:
+def _gather(x: torch.Tensor, plan: BlockPlan, index: torch.Tensor) -> torch.Tensor:
     """Contiguous [heads, S, d] -> each block's window of image keys [heads * blocks, window, d]."""
-    index = _flat_index(plan, x.shape[0], t)
     return x.view(-1, x.shape[2]).index_select(0, index).view(-1, plan.window, x.shape[2])
