@@ -112,8 +112,10 @@ def test_sparse_in_float32_and_bfloat16_matches_dense():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_sparse_in_chunks_of_heads_equals_dense(kind, monkeypatch):
-    # one head per chunk, and chunks of 4 of 6 heads (the last chunk smaller)
+def test_sparse_in_chunks_of_heads_and_text_blocks_equals_dense(kind, monkeypatch):
+    # one head per chunk, and chunks of 4 of 6 heads (the last chunk smaller); text queries in
+    # row blocks of 3, 3 and 2
+    monkeypatch.setattr(attention, "TEXT_BLOCK", 3)
     layout = Layout(8, 8, 8)
     plan = attention._plan_on(block_plan(kind, layout, 5), layout.text_len, torch.device("cpu"))
     per_head = layout.image_len * (layout.text_len + plan.window) * 8  # float64 scores

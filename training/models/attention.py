@@ -200,6 +200,9 @@ def block_plan(kind: Kind, layout: Layout, kernel: int = 11) -> BlockPlan:
     return BlockPlan(size, blocks, window, order, inverse, key_index, mask)
 
 
+# Text queries go in row blocks of this many, each attending keys up to its last row: 5/8 of the
+# causal 256 x 256 scores at 256 text tokens, and 2x faster than the full square.
+TEXT_BLOCK = 64
 # Score rows (text_len + window) are padded to a multiple of this many elements (64 bytes in
 # float32): matmuls writing and reading rows of odd length ran up to 20% slower on CPU.
 ALIGN = 16
@@ -280,8 +283,13 @@ class _BlockSparseAttention(torch.autograd.Function):
         qs_t, k_t, v_t = qs[:, :t], k[:, :t], v[:, :t]
         qs_i = _image_part(qs, t, plan)
 
-        p_text = _softmax(torch.baddbmm(_causal_bias(t, q.dtype, q.device), qs_t, k_t.mT))
-        out_t = torch.bmm(p_text, v_t)
+        causal, p_text, out_t = _causal_bias(t, q.dtype, q.device), [], []
+        for r in _text_blocks(t):  # row block r attends keys [0, r.stop)
+            p_text.append(
+                _softmax(torch.baddbmm(causal[r, : r.stop], qs_t[:, r], k_t[:, : r.stop].mT))
+            )
+            out_t.append(torch.bmm(p_text[-1], v_t[:, : r.stop]))
+        out_t = torch.cat(out_t, dim=1)
 
         probs = q.new_empty(bh, n, width)
         out_i = q.new_empty(bh, n, dim)
@@ -300,14 +308,14 @@ class _BlockSparseAttention(torch.autograd.Function):
             torch.bmm(probs[c, :, :t], v_t[c], out=out_i[c])
             _blocks(out_i[c], plan).baddbmm_(_local(probs[c], t, plan), v_w)
 
-        ctx.save_for_backward(qs_t, k, v, qs_i, p_text, probs, out_t, out_i)
+        ctx.save_for_backward(qs_t, k, v, qs_i, probs, out_t, out_i, *p_text)
         ctx.plan, ctx.shape = plan, (bsz, heads, seq, dim)
         out = torch.cat([out_t, _raster(out_i, plan)], dim=1)
         return out.view(bsz, heads, seq, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        qs_t, k, v, qs_i, p_text, probs, out_t, out_i = ctx.saved_tensors
+        qs_t, k, v, qs_i, probs, out_t, out_i, *p_text = ctx.saved_tensors
         plan, (bsz, heads, seq, dim) = ctx.plan, ctx.shape
         bh, t = bsz * heads, qs_t.shape[1]
         k_t, v_t = k[:, :t], v[:, :t]
@@ -316,10 +324,14 @@ class _BlockSparseAttention(torch.autograd.Function):
         g_t, g_i = grad[:, :t], _image_part(grad, t, plan)
 
         # text queries
-        ds = torch.bmm(g_t, v_t.mT).sub_((g_t * out_t).sum(-1, keepdim=True)).mul_(p_text)
-        dq_t = torch.bmm(ds, k_t).mul_(scale)
-        dk_t = torch.bmm(ds.mT, qs_t)
-        dv_t = torch.bmm(p_text.mT, g_t)
+        rowsum = (g_t * out_t).sum(-1, keepdim=True)
+        dq_t, dk_t, dv_t = [], qs_t.new_zeros(bh, t, dim), qs_t.new_zeros(bh, t, dim)
+        for r, p in zip(_text_blocks(t), p_text, strict=True):
+            ds = torch.bmm(g_t[:, r], v_t[:, : r.stop].mT).sub_(rowsum[:, r]).mul_(p)
+            dq_t.append(torch.bmm(ds, k_t[:, : r.stop]))
+            dk_t[:, : r.stop].baddbmm_(ds.mT, qs_t[:, r])
+            dv_t[:, : r.stop].baddbmm_(p.mT, g_t[:, r])
+        dq_t = torch.cat(dq_t, dim=1).mul_(scale)
 
         # image queries
         rowsum = (g_i * out_i).sum(-1, keepdim=True)
@@ -348,6 +360,11 @@ class _BlockSparseAttention(torch.autograd.Function):
         dv[:, :t] = dv_t
         dq = torch.cat([dq_t, _raster(dq_i, plan)], dim=1)
         return tuple(x.view(bsz, heads, seq, dim) for x in (dq, dk, dv)) + (None, None)
+
+
+def _text_blocks(t: int) -> list[slice]:
+    """Row blocks of the text queries (causal: block r attends keys [0, r.stop) only)."""
+    return [slice(i, min(i + TEXT_BLOCK, t)) for i in range(0, t, TEXT_BLOCK)]
 
 
 def _chunks(bh: int, bytes_per_head: int, device: torch.device) -> list[slice]:
