@@ -301,9 +301,9 @@ class _BlockSparseAttention(torch.autograd.Function):
             s = scores[: c.stop - c.start]
             index = _flat_index(plan, c.stop - c.start, t)
             k_w, v_w = _gather(k[c], plan, index), _gather(v[c], plan, index)  # [c * blocks, W, d]
-            torch.bmm(qs_i[c], k_t[c].mT, out=s[:, :, :t])
+            _bmm_into(s[:, :, :t], qs_i[c], k_t[c].mT)
             local = _local(s, t, plan)
-            torch.bmm(_blocks(qs_i[c], plan), k_w.mT, out=local)
+            _bmm_into(local, _blocks(qs_i[c], plan), k_w.mT)
             local.view(-1, plan.blocks, plan.size, plan.window).add_(bias)
             _softmax(s, out=probs[c])
             torch.bmm(probs[c, :, :t], v_t[c], out=out_i[c])
@@ -345,8 +345,8 @@ class _BlockSparseAttention(torch.autograd.Function):
             index = _flat_index(plan, c.stop - c.start, t)
             k_w, v_w = _gather(k[c], plan, index), _gather(v[c], plan, index)
             g_blocks, qs_blocks = _blocks(g_i[c], plan), _blocks(qs_i[c], plan)
-            torch.bmm(g_i[c], v_t[c].mT, out=d[:, :, :t])
-            torch.bmm(g_blocks, v_w.mT, out=_local(d, t, plan))
+            _bmm_into(d[:, :, :t], g_i[c], v_t[c].mT)
+            _bmm_into(_local(d, t, plan), g_blocks, v_w.mT)
             d.sub_(rowsum[c]).mul_(probs[c])  # masked keys: probs 0
             ds_local, p_local = _local(d, t, plan), _local(probs[c], t, plan)
             torch.bmm(d[:, :, :t], k_t[c], out=dq_i[c])
@@ -372,6 +372,16 @@ def _chunks(bh: int, bytes_per_head: int, device: torch.device) -> list[slice]:
     """Slices of the bh dim that image queries go through the kernel in (see CPU_CHUNK_BYTES)."""
     step = bh if device.type != "cpu" else max(1, min(bh, CPU_CHUNK_BYTES // bytes_per_head))
     return [slice(i, min(i + step, bh)) for i in range(0, bh, step)]
+
+
+def _bmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out[:] = a @ b`` (batched). Into a strided ``out`` (a slice of the score buffer), CPU
+    ``bmm`` falls back to one small matmul call per batch item, which at dalle-tiny's 256 heads x
+    4 blocks cost more than the matmuls: there it multiplies into a temporary and copies."""
+    if out.is_contiguous() or out.shape[0] <= 32:
+        torch.bmm(a, b, out=out)
+    else:
+        out.copy_(torch.bmm(a, b))
 
 
 def _softmax(scores: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
