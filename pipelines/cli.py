@@ -135,6 +135,7 @@ def generate_config_from_args(args: argparse.Namespace):
         f"name={args.name}",
         f"dalle_checkpoint={args.checkpoint}",
         f"heldout={args.heldout}",
+        f"heldout_seed={args.heldout_seed}",
         f"sampling.candidates={args.candidates}",
         f"sampling.temperature={args.temperature}",
         f"sampling.seed={args.seed}",
@@ -430,6 +431,9 @@ def _add_model_commands(sub) -> None:
     gen.add_argument("--top-p", type=float, help="sample from the nucleus of this mass")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--heldout", type=int, default=0, help="add N held-out sample-web captions")
+    gen.add_argument(
+        "--heldout-seed", type=int, default=1000, help="corpus seed of the held-out captions"
+    )
     gen.add_argument("--name", default="samples", help="results go to STORE/samples/NAME/")
     gen.add_argument("--store", help="store URL (default: STATE/store)")
     gen.set_defaults(func=cmd_generate, uses_prefect=True)

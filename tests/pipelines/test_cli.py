@@ -91,3 +91,15 @@ def test_train_with_inconsistent_batch_sizes_fails_fast_and_clearly():
     assert "engine.train_batch_size = 100 but micro_batch_size" in result.stderr
     assert "Traceback" not in result.stderr
     assert time.monotonic() - started < 30  # no Ray, no workers
+
+
+def test_generate_arguments_make_its_config():
+    from pipelines.cli import build_parser, generate_config_from_args
+
+    args = build_parser().parse_args(
+        ["generate", "--checkpoint", "dalle.pt", "--heldout", "128", "--heldout-seed", "2000"]
+        + ["--top-k", "64", "a small red circle"]
+    )
+    cfg = generate_config_from_args(args)
+    assert (cfg.heldout, cfg.heldout_seed, cfg.sampling.top_k) == (128, 2000, 64)
+    assert cfg.captions == ["a small red circle"] and cfg.sampling.top_p is None
