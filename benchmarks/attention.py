@@ -5,7 +5,9 @@ dense side is one ``scaled_dot_product_attention`` over all ``T + N`` keys with 
 boolean mask, the sparse side attends text + a local window per block of image queries. The
 layout is the paper's (256 text tokens + 32 x 32 image tokens); width is reduced to fit a CPU.
 Each measurement is forward + backward, the median of ``--repeats`` runs after a warm-up,
-dense and sparse alternating. One thread by default: what each training worker uses here.
+dense and sparse alternating. One thread by default: what each training worker uses here. The
+last line sums the kinds over a model's layer schedule (the 12B's 64 layers: 47 row, 16 column,
+1 conv): the speed-up of a whole model's attention.
 
     .venv/bin/python benchmarks/attention.py                    # attention kernels
     .venv/bin/python benchmarks/attention.py --train-tokens     # + dalle-tiny training tokens/s
@@ -23,7 +25,13 @@ import time
 
 import torch
 
-from training.models.attention import KINDS, Layout, dense_attention, sparse_attention
+from training.models.attention import (
+    KINDS,
+    Layout,
+    dense_attention,
+    layer_kinds,
+    sparse_attention,
+)
 
 
 def _time_pair(first, second, repeats: int) -> tuple[float, float]:
@@ -61,13 +69,20 @@ def bench_attention(args) -> None:
     torch.manual_seed(0)
     q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3))
     print(f"{'kind':<8}{'dense ms':>10}{'sparse ms':>11}{'speed-up':>10}")
+    times = {}
     for kind in KINDS:
-        dense, sparse = _time_pair(
+        times[kind] = dense, sparse = _time_pair(
             attention_step(dense_attention, q, k, v, kind, layout, args.kernel),
             attention_step(sparse_attention, q, k, v, kind, layout, args.kernel),
             args.repeats,
         )
         print(f"{kind:<8}{dense * 1e3:>10.1f}{sparse * 1e3:>11.1f}{dense / sparse:>9.2f}x")
+    # what a whole model's attention gains: each kind weighted by its layers in the schedule
+    kinds = layer_kinds(args.schedule_layers)
+    counts = {kind: kinds.count(kind) for kind in KINDS}
+    dense, sparse = (sum(counts[kind] * times[kind][i] for kind in KINDS) for i in (0, 1))
+    shown = ", ".join(f"{n} {kind}" for kind, n in counts.items())
+    print(f"{args.schedule_layers}-layer schedule ({shown}): {dense / sparse:.2f}x")
 
 
 def bench_training(args) -> None:
@@ -109,6 +124,9 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--schedule-layers", type=int, default=64, help="layers of the schedule summed (12B: 64)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: all cores)")
     parser.add_argument("--train-tokens", action="store_true", help="also time dalle-tiny steps")
     parser.add_argument("--train-batch", type=int, default=64)
