@@ -9,7 +9,13 @@ from training.engine import launch
 from training.export import export_run
 from training.models.attention import layer_kinds
 from training.models.bpe import DalleTokenizer
-from training.models.dalle import Dalle, DalleConfig, count_parameters, dalle_loss
+from training.models.dalle import (
+    ByteMaskDropout,
+    Dalle,
+    DalleConfig,
+    count_parameters,
+    dalle_loss,
+)
 from training.models.dvae import DVAE, DVAEConfig
 from training.monitor import read_metrics
 from training.specs.dalle import DalleSpec, check_compatible, load_dalle
@@ -127,6 +133,40 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert model.grad_checkpointing
     for a, b in zip(plain, grads(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_activation_checkpointing_replays_the_dropout_masks():
+    cfg = tiny(dropout=0.2)
+    model = Dalle(cfg)
+    text, image = random_batch(cfg)
+
+    def grads():
+        torch.manual_seed(1)  # the same masks in both runs, if the recomputation replays them
+        model.zero_grad()
+        dalle_loss(*model(text, image), text, image)["total"].backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = grads()
+    DalleSpec().enable_activation_checkpointing(model)
+    for a, b in zip(plain, grads(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_byte_mask_dropout_drops_p_and_keeps_the_expectation():
+    torch.manual_seed(0)
+    dropout = ByteMaskDropout(0.2)
+    x = torch.ones(400_000, requires_grad=True)
+    y = dropout(x)
+    kept = y != 0
+    assert abs(1 - kept.float().mean().item() - 0.2) < 0.005  # 51 of 256 byte values: 0.1992
+    assert abs(y.mean().item() - 1) < 0.005
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 256 / 205))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())  # d(x * mask * scale) / dx = mask * scale
+    assert torch.equal(dropout.eval()(x), x)
+    assert torch.equal(ByteMaskDropout(0.0)(x), x)
+    with pytest.raises(ValueError, match="dropout probability"):
+        ByteMaskDropout(1.0)
 
 
 def test_kv_cache_steps_give_the_forward_logits():

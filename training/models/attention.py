@@ -39,7 +39,9 @@ gathered from, and their gradients scattered onto, the raster-ordered keys (only
 permuted into blocks). What bounds it: every image query attends all 256 text keys, and a conv
 tile's window holds 157 keys for the 61 each query attends (smaller tiles: smaller windows but
 slower small matmuls), so conv does (256 + 160) / 1280 of the dense image work, its window
-matmuls at ~2/3 of the large matmuls' rate.
+matmuls at ~2/3 of the large matmuls' rate. Tried for conv without a gain beyond noise (A/B in one
+process): chunks of part of a head's blocks (128 KB-1 MB of scores: up to 30% slower), keeping
+the gathered windows from the forward for the backward, gathering keys and values together.
 """
 
 from __future__ import annotations

@@ -102,6 +102,36 @@ class DalleConfig:
         return cls.from_dict(json.loads(path.read_text()) | overrides)
 
 
+class ByteMaskDropout(nn.Module):
+    """``nn.Dropout`` with a cheaper mask on CPU. Torch's CPU dropout draws one bernoulli per
+    element: 6 ms for dalle-tiny's [64, 88, 128] activations, ~15% of a training step for its 9
+    dropouts. Here each random int64 gives 8 mask bytes (0.7 ms): an element is kept when its byte
+    is below ``round(256 * (1 - p))``, so p is rounded to a multiple of 1/256, and kept values are
+    scaled by the inverse of that keep rate (the expectation is unchanged). Other devices: torch's
+    dropout. Uses the default generator, so ``torch.manual_seed`` and activation checkpointing's
+    RNG replay give the same masks."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+        self.threshold = round(256 * (1 - p))  # keep a byte below this
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        n = x.numel()
+        words = torch.randint(-(2**63), 2**63 - 1, (-(-n // 8),), dtype=torch.int64)
+        keep = words.view(torch.uint8)[:n].view(x.shape) < self.threshold
+        return x * keep.to(x.dtype).mul_(256 / self.threshold)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: DalleConfig, kind: Kind):
         super().__init__()
@@ -109,7 +139,7 @@ class SelfAttention(nn.Module):
         self.n_head, self.head_dim = cfg.n_head, cfg.d_model // cfg.n_head
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = ByteMaskDropout(cfg.dropout)
         self.dense = False  # True: the dense masked reference (tests, benchmarks)
 
     def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -146,7 +176,7 @@ class Block(nn.Module):
             nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model),
             nn.GELU(),
             nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model),
-            nn.Dropout(cfg.dropout),
+            ByteMaskDropout(cfg.dropout),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,7 +198,7 @@ class Dalle(nn.Module):
         self.image_embedding = nn.Embedding(cfg.image_vocab, d)
         self.image_row_embedding = nn.Embedding(cfg.image_grid, d)
         self.image_col_embedding = nn.Embedding(cfg.image_grid, d)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = ByteMaskDropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, kind) for kind in layer_kinds(cfg.n_layer))
         self.ln_f = nn.LayerNorm(d)
         self.text_head = nn.Linear(d, cfg.text_vocab_padded)
