@@ -28,7 +28,8 @@ collapses happen in the first ~20 steps (lr at 1e-2, KL weight still ~0: 3 codes
 20, never recovering). ``--warmup 100``: dvae-tiny 0.75 / 0.80, and the two collapsed runs keep
 their codebooks (0.86 and 0.71): configs/dvae-tiny.yaml warms up over 100 steps. It also trains
 at lr 5e-3 (1e-2 collapsed under the engine in a demo); ``--lr 5e-3 --warmup 100`` matches it,
-the defaults here are the settings the figures above were measured with.
+the defaults here are the settings the figures above were measured with. All of them are for
+width 16; dvae-tiny is now 24 wide (configs/dvae-tiny.yaml), ``--set hidden=16`` for the above.
 """
 
 from __future__ import annotations
