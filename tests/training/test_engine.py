@@ -86,6 +86,25 @@ def test_inconsistent_batch_sizes_fail_before_any_worker_starts(local_store):
         validate(fp16)
 
 
+def test_cpu_workers_do_not_build_deepspeeds_shm_comm_op():
+    """DeepSpeed JIT-compiles its CPU shared-memory all-reduce (g++, 30 s and more) when its
+    comm backend starts; training never uses it, so the workers mark it incompatible."""
+    code = (
+        "import deepspeed\n"
+        "from deepspeed.comm.torch import build_shm_op\n"
+        "from training.engine import _skip_shm_comm_build\n"
+        "_skip_shm_comm_build(deepspeed)\n"
+        "print('op:', build_shm_op())\n"
+    )
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "op: None" in out.stdout
+    assert "built successfully" not in out.stdout
+
+
 @pytest.mark.slow
 def test_zero3_trains_from_s3_survives_corrupt_samples_and_exports(s3_store, ray_local, tmp_path):
     write_shards(s3_store, "data", corrupt_in_first=5)
