@@ -10,8 +10,10 @@ last line sums the kinds over a model's layer schedule (the 12B's 64 layers: 47 
 1 conv): the speed-up of a whole model's attention. One table per dtype: float32, and bfloat16,
 the precision the DALL-E configs train in.
 
-Measured (2 cores, quiet, 1 thread, 2026-12-06): float32 row 3.91x, column 4.18x, conv 2.82x,
-12B schedule 3.95x; bfloat16 row 4.09x, column 4.62x, conv 3.31x, schedule 4.20x. Conv in float32
+Measured (2 cores, quiet, 1 thread, 2026-12-06, medians of 5 runs on an AMD EPYC core): float32
+row 4.08x, column 4.39x, conv 2.80x (2.71-3.18x), 12B schedule 4.12x; bfloat16 row 5.09x, column
+5.63x, conv 4.05x, schedule 5.17x (another machine that day: float32 3.91x, 4.18x, 2.82x, 3.95x;
+bfloat16 4.09x, 4.62x, 3.31x, 4.20x). Conv in float32
 is bound by its window (every image query scores 256 text + 160 window keys against 1,280) and
 by gathering the windows (~115 us per head and pass in the kernel, 34 us with the keys in cache).
 
