@@ -150,8 +150,7 @@ def generate_config_from_args(args: argparse.Namespace):
     ):
         if value is not None:
             overrides.append(f"{key}={value}")
-    config = load_config(GenerateConfig, None, overrides)
-    return config.model_copy(update={"captions": list(args.captions)})
+    return load_config(GenerateConfig, None, overrides, values={"captions": list(args.captions)})
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

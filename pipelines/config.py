@@ -62,8 +62,14 @@ class BuildConfig(BaseModel):
 C = TypeVar("C", bound=BaseModel)
 
 
-def load_config(cls: type[C], path: str | Path | None, overrides: list[str] = ()) -> C:
-    """Read YAML (if given), apply dotted overrides, validate into `cls`."""
+def load_config(
+    cls: type[C],
+    path: str | Path | None,
+    overrides: list[str] = (),
+    values: dict[str, Any] | None = None,
+) -> C:
+    """Read YAML (if given), set ``values`` (top-level fields that are not strings, e.g. a CLI's
+    positional arguments), apply dotted overrides, validate into `cls`."""
     source = str(path) if path else "command line"
     data: dict[str, Any] = {}
     if path is not None:
@@ -75,6 +81,7 @@ def load_config(cls: type[C], path: str | Path | None, overrides: list[str] = ()
             raise ConfigError(f"{path} is not valid YAML: {err}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
+    data.update(values or {})
     for item in overrides:
         apply_override(data, item)
     try:

@@ -103,3 +103,13 @@ def test_generate_arguments_make_its_config():
     cfg = generate_config_from_args(args)
     assert (cfg.heldout, cfg.heldout_seed, cfg.sampling.top_k) == (128, 2000, 64)
     assert cfg.captions == ["a small red circle"] and cfg.sampling.top_p is None
+
+
+def test_generate_takes_captions_alone():
+    """The README's form: captions and no --heldout (validated with the captions in)."""
+    from pipelines.cli import build_parser, generate_config_from_args
+
+    captions = ["a large red circle in the center on a white background", "star: blue, small"]
+    args = build_parser().parse_args(["generate", "--checkpoint", "dalle.pt", *captions])
+    cfg = generate_config_from_args(args)
+    assert cfg.captions == captions and cfg.heldout == 0
