@@ -67,9 +67,11 @@ def build_with_progress(config: BuildConfig, label: str = ""):
     return result
 
 
-def train_config_from_args(args: argparse.Namespace):
-    """The TrainConfig of a parsed `train` command, validated before any worker starts."""
+def train_config_from_args(args: argparse.Namespace, inputs: bool = True):
+    """The TrainConfig of a parsed `train` command, validated before any worker starts; with
+    ``inputs``, its data and checkpoints must exist as this machine sees them."""
     from training.config import TrainConfig
+    from training.data import DataError
     from training.engine import validate
 
     overrides = list(args.overrides)
@@ -79,8 +81,8 @@ def train_config_from_args(args: argparse.Namespace):
         overrides.append(f"scale.ray_address={args.ray_address}")
     config = load_config(TrainConfig, args.config, [f"spec={args.model}", *overrides])
     try:
-        validate(config)
-    except ValueError as err:
+        validate(config, inputs=inputs)
+    except (ValueError, DataError, FileNotFoundError) as err:  # config, data, checkpoints
         raise ConfigError(str(err)) from None
     return config
 
@@ -265,7 +267,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
             "mmpipe launch runs a training command. Fix: mmpipe launch --address "
             "http://HEAD:8265 -- train clip --config configs/clip-tiny.yaml"
         )
-    cfg = train_config_from_args(train_args)
+    cfg = train_config_from_args(train_args, inputs=False)  # the cluster's paths, not ours
     env = {}
     for item in args.env or []:
         key, sep, value = item.partition("=")

@@ -155,14 +155,17 @@ class WorkerPlan:
 # --------------------------------------------------------------------------- resolving shards
 
 
-def resolve_shards(cfg: DataConfig, s3: S3Settings | None = None) -> list[ShardInfo]:
+def resolve_shards(
+    cfg: DataConfig, s3: S3Settings | None = None, scan: bool = True
+) -> list[ShardInfo]:
     """The shards ``cfg.source`` names, with sample counts where they can be known.
 
     Counts come from crawl ``.stats.json`` sidecars (``kept``) or the manifest. Shards given
     as a list or pattern use a sidecar when one sits next to the tar; otherwise, unless
-    ``samples_per_epoch`` is set, the tar is scanned: a local tar costs only its headers
-    (tarfile seeks over member data) but an S3 tar is streamed whole, so that is one full
-    read of the dataset. Set ``samples_per_epoch`` or use a manifest for large S3 datasets.
+    ``samples_per_epoch`` is set or ``scan`` is False (count None), the tar is scanned: a local
+    tar costs only its headers (tarfile seeks over member data) but an S3 tar is streamed
+    whole, so that is one full read of the dataset. Set ``samples_per_epoch`` or use a
+    manifest for large S3 datasets.
     """
     source = cfg.source
     if isinstance(source, str) and source.endswith("/"):
@@ -172,10 +175,32 @@ def resolve_shards(cfg: DataConfig, s3: S3Settings | None = None) -> list[ShardI
     else:
         patterns = [source] if isinstance(source, str) else source
         uris = [uri for pattern in patterns for uri in braceexpand.braceexpand(pattern)]
-        shards = _listed(uris, s3, scan=cfg.samples_per_epoch is None)
+        shards = _listed(uris, s3, scan=scan and cfg.samples_per_epoch is None)
     if not shards:
         raise DataError(f"no shards found in {source}")
     return shards
+
+
+def check_data(cfg: DataConfig, s3: S3Settings | None = None) -> list[ShardInfo]:
+    """What a training run reads exists, checked before any worker starts: the shards, and with
+    ``codes`` a code sidecar for each. Sidecars and manifests are read, tars are not scanned."""
+    shards = resolve_shards(cfg, s3, scan=False)
+    if cfg.codes is not None:
+        from training.encode_codes import SUFFIX
+
+        present = set(_open_folder(cfg.codes, s3).list())
+        missing = [s.uri for s in shards if _sidecar_name(s.uri, SUFFIX) not in present]
+        if missing:
+            raise DataError(
+                f"no dVAE codes for {len(missing)} of {len(shards)} shards in {cfg.codes} "
+                f"(first: {missing[0]}); encode the shards first (mmpipe encode-codes)"
+            )
+    return shards
+
+
+def _sidecar_name(shard_uri: str, suffix: str) -> str:
+    """``.../00003.tar`` -> ``00003<suffix>``: a shard's sidecar in another folder."""
+    return shard_uri.rpartition("/")[2].removesuffix(".tar") + suffix
 
 
 def _split_uri(uri: str) -> tuple[str, str]:
@@ -419,8 +444,7 @@ class _WorkerState:
         else:
             from training.encode_codes import SUFFIX, read_codes
 
-            name = shard_uri.rpartition("/")[2].removesuffix(".tar") + SUFFIX
-            sidecar = f"{folder.rstrip('/')}/{name}"
+            sidecar = f"{folder.rstrip('/')}/{_sidecar_name(shard_uri, SUFFIX)}"
             try:
                 self.sidecars[shard_uri] = read_codes(sidecar, self.s3)
             except StoreError as e:

@@ -43,12 +43,16 @@ class TrainResult:
 # --- driver -----------------------------------------------------------------------------
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Everything that can be checked before a worker starts."""
+def validate(cfg: TrainConfig, inputs: bool = True) -> None:
+    """Everything that can be checked before a worker starts: the config, and (``inputs``)
+    that the run's data and checkpoints exist. Inputs are not checked when joining a cluster by
+    address (``scale.ray_address``): its workers may see paths that this machine does not, and
+    they report what is missing."""
     cfg.engine.check_batch(cfg.scale.num_workers)
     check_precision(cfg)
-    if cfg.engine.activation_checkpointing:
-        get_spec(cfg.spec)  # unknown specs fail here, not in a worker
+    spec = get_spec(cfg.spec)  # unknown specs fail here, not in a worker
+    if inputs and not cfg.scale.ray_address:
+        spec.check_inputs(cfg)
 
 
 def launch(cfg: TrainConfig, echo_steps: bool = True) -> TrainResult:

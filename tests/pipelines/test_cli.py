@@ -93,6 +93,17 @@ def test_train_with_inconsistent_batch_sizes_fails_fast_and_clearly():
     assert time.monotonic() - started < 30  # no Ray, no workers
 
 
+def test_train_with_missing_inputs_fails_fast_and_clearly(tmp_path):
+    started = time.monotonic()
+    result = mmpipe(
+        "train", "dalle", "--config", "configs/dalle-tiny.yaml", "--data", f"file://{tmp_path}/"
+    )
+    assert result.returncode == 2
+    assert f"mmpipe: error: no shards found in file://{tmp_path}/" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert time.monotonic() - started < 30  # no Ray, no workers
+
+
 def test_generate_arguments_make_its_config():
     from pipelines.cli import build_parser, generate_config_from_args
 

@@ -9,7 +9,7 @@ import torch
 from tests.training.test_dvae import PER_SHARD, SHARDS, tiny_config, write_shards
 from training.data import DataConfig, DataError, make_train_loader, resolve_shards
 from training.encode_codes import EncodeConfig, encode_dataset, read_codes, sidecar_dtype
-from training.engine import launch
+from training.engine import launch, validate
 from training.models.dvae import DVAE, DVAEConfig
 from training.monitor import read_metrics
 from training.specs.dvae import save_dvae
@@ -97,3 +97,26 @@ def test_dalle_trains_from_sidecars(local_store, dvae_checkpoint, ray_session):
     rows = [r for r in read_metrics(local_store, cfg.run_prefix()) if "train/total" in r]
     assert rows[-1]["train/image_ce"] < rows[0]["train/image_ce"] - 0.3, rows
     assert all(r["data/skipped_samples"] == 0 for r in rows if "data/skipped_samples" in r)
+
+
+def test_a_dalle_run_with_missing_inputs_is_refused_before_any_worker_starts(
+    local_store, dvae_checkpoint
+):
+    """The driver checks what the workers would read: the dVAE export, every shard's codes."""
+    data = write_shards(local_store, "data")
+    out = f"{local_store.root_uri}/codes/"
+    config = lambda **kw: tiny_config(local_store, data, "configs/dalle-tiny.yaml", **kw)  # noqa: E731
+
+    missing = f"{local_store.root_uri}/nowhere/dvae.pt"
+    with pytest.raises(FileNotFoundError, match=f"dvae_checkpoint .* not found: {missing}"):
+        validate(config(dvae_checkpoint=missing))
+    with pytest.raises(DataError, match=f"no dVAE codes for 2 of 2 shards in {out} .*00000.tar"):
+        validate(config(dvae_checkpoint=dvae_checkpoint, **{"data.codes": out}))
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros(0, dtype=sidecar_dtype(8)))
+    local_store.put_bytes("codes/00000.codes.npy", buffer.getvalue())
+    with pytest.raises(DataError, match="no dVAE codes for 1 of 2 shards .*00001.tar"):
+        validate(config(dvae_checkpoint=dvae_checkpoint, **{"data.codes": out}))
+    local_store.put_bytes("codes/00001.codes.npy", buffer.getvalue())
+    validate(config(dvae_checkpoint=dvae_checkpoint, **{"data.codes": out}))
+    validate(config(dvae_checkpoint=missing), inputs=False)  # config only (the demo's check)

@@ -15,6 +15,7 @@ import webdataset as wds
 
 from pipelines.config import load_config
 from training.config import TrainConfig
+from training.data import DataError
 from training.engine import launch, validate
 from training.evaluate import crawl_border_resize, encode_images, preprocess_images
 from training.export import export_run, latest_checkpoint_prefix
@@ -84,6 +85,15 @@ def test_inconsistent_batch_sizes_fail_before_any_worker_starts(local_store):
     fp16 = config(local_store, "file:///nowhere/", **{"engine.precision": "fp16"})
     with pytest.raises(ValueError, match="fp16"):
         validate(fp16)
+
+
+def test_a_missing_data_source_fails_before_any_worker_starts(local_store):
+    cfg = config(local_store, local_store.uri("nowhere") + "/")
+    with pytest.raises(DataError, match="no shards found in .*nowhere/"):
+        validate(cfg)
+    validate(cfg, inputs=False)
+    remote = config(local_store, local_store.uri("nowhere") + "/", **{"scale.ray_address": "auto"})
+    validate(remote)  # a cluster's workers may see paths this machine does not
 
 
 def test_cpu_workers_do_not_build_deepspeeds_shm_comm_op():

@@ -35,6 +35,13 @@ class ModelSpec(abc.ABC):
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Named loss terms; `total` is what gets back-propagated."""
 
+    def check_inputs(self, cfg: TrainConfig) -> None:
+        """Raise (DataError, FileNotFoundError) if what the run reads is missing; called on the
+        driver before any worker starts, so a typo costs seconds, not a cluster start-up."""
+        from training.data import check_data
+
+        check_data(cfg.data, cfg.store.s3)
+
     def after_step(self, model: nn.Module) -> dict[str, float]:
         """Called after each optimizer step (e.g. clamp a temperature); returns metrics."""
         return {}

@@ -24,7 +24,14 @@ from training.models.bpe import DalleTokenizer
 from training.models.dalle import Dalle, DalleConfig, dalle_loss
 from training.models.dvae import DVAE
 from training.specs import ModelSpec
-from training.specs.dvae import heldout_images, image_transform, load_dvae, local_copy, shards
+from training.specs.dvae import (
+    heldout_images,
+    image_transform,
+    load_dvae,
+    local_copy,
+    require_file,
+    shards,
+)
 
 EXPORT_NAME = "dalle.pt"
 
@@ -86,6 +93,14 @@ class DalleSpec(ModelSpec):
         dvae = frozen_dvae(cfg.dvae_checkpoint, cfg.store.s3.model_dump_json())
         check_compatible(model_config(cfg), dvae)
         return dvae
+
+    def check_inputs(self, cfg: TrainConfig) -> None:
+        super().check_inputs(cfg)
+        require_file(
+            cfg.dvae_checkpoint,
+            cfg.store.s3,
+            "dvae_checkpoint (a dVAE export: mmpipe train dvae writes runs/NAME/export/dvae.pt)",
+        )
 
     def build(self, cfg: TrainConfig) -> nn.Module:
         self._dvae = self.dvae(cfg)  # fails early on a missing or mismatched dVAE

@@ -58,6 +58,19 @@ def load_dvae(path: str | Path) -> DVAE:
     return model.eval().requires_grad_(False)
 
 
+def require_file(uri: str, s3=None, what: str = "file") -> None:
+    """FileNotFoundError naming ``what`` if ``uri`` (a path, file:// or s3:// URI) is missing."""
+    if "://" not in uri or uri.startswith("file://"):
+        found = local_copy(uri).is_file()
+    else:
+        from dataprep.store import open_store
+
+        parent, _, name = uri.rpartition("/")
+        found = open_store(parent, s3).exists(name)
+    if not found:
+        raise FileNotFoundError(f"{what} not found: {uri}")
+
+
 def local_copy(uri: str, s3=None) -> Path:
     """A local path for a file given as a path, a file:// URI or an s3:// URI."""
     if "://" not in uri:
