@@ -155,8 +155,21 @@ def generate_config_from_args(args: argparse.Namespace):
     return load_config(GenerateConfig, None, overrides, values={"captions": list(args.captions)})
 
 
+def refuse_missing_inputs(check, config) -> None:
+    """``check(config)``; a missing input is a one-line user error, before any flow starts."""
+    from training.data import DataError
+
+    try:
+        check(config)
+    except (DataError, FileNotFoundError) as err:
+        raise ConfigError(str(err)) from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    from training.generate import check_inputs
+
     config = generate_config_from_args(args)
+    refuse_missing_inputs(check_inputs, config)
     from pipelines.console import print_generation_report
     from pipelines.dalle_flows import generate_dalle
 
@@ -169,6 +182,9 @@ def cmd_encode_codes(args: argparse.Namespace) -> int:
 
     overrides = [f"source={args.data}", f"dvae_checkpoint={args.dvae}", f"out={args.out}"]
     config = load_config(EncodeConfig, None, [*overrides, *args.overrides])
+    from training.encode_codes import check_inputs
+
+    refuse_missing_inputs(check_inputs, config)
     from pipelines.dalle_flows import encode_codes
 
     coded = encode_codes(config)

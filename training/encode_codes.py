@@ -157,6 +157,18 @@ def _encode_one(shard_uri: str, cfg_json: str) -> ShardCodes:
     return encode_shards([shard_uri], cfg.dvae_checkpoint, cfg.out, cfg.batch_size, s3)[0]
 
 
+def check_inputs(cfg: EncodeConfig) -> None:
+    """The dVAE export and the shards exist (FileNotFoundError, DataError), as this machine sees
+    them: before Ray starts, unless joining a cluster whose paths may differ (``ray_address``)."""
+    if cfg.ray_address:
+        return
+    from training.data import DataConfig, check_data
+    from training.specs.dvae import require_file
+
+    require_file(cfg.dvae_checkpoint, cfg.store.s3, "dvae_checkpoint (--dvae)")
+    check_data(DataConfig(source=cfg.source), cfg.store.s3)
+
+
 def encode_dataset(cfg: EncodeConfig) -> list[ShardCodes]:
     """Sidecars for every non-empty shard of ``cfg.source`` in ``cfg.out``, coded on Ray."""
     import ray

@@ -123,6 +123,19 @@ def colour_rates(results: list[CaptionResult]) -> tuple[float | None, float | No
     return sum(every) / len(every), sum(hits[0] for hits in measured) / len(measured)
 
 
+def check_inputs(cfg: GenerateConfig) -> None:
+    """The checkpoints the config names exist (FileNotFoundError naming the field)."""
+    from training.specs.dvae import require_file
+
+    for uri, what in (
+        (cfg.dalle_checkpoint, "dalle_checkpoint (--checkpoint)"),
+        (cfg.dvae_checkpoint, "dvae_checkpoint (--dvae)"),
+        (cfg.clip_weights, "clip_weights (--clip-weights)"),
+    ):
+        if uri is not None:
+            require_file(uri, cfg.store.s3, what)
+
+
 def run_generation(cfg: GenerateConfig, progress=None) -> GenerationReport:
     """Generate, re-rank, measure and save; ``progress(done, total)`` after each caption."""
     from training.sample import load_pipeline

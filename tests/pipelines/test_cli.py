@@ -124,3 +124,15 @@ def test_generate_takes_captions_alone():
     args = build_parser().parse_args(["generate", "--checkpoint", "dalle.pt", *captions])
     cfg = generate_config_from_args(args)
     assert cfg.captions == captions and cfg.heldout == 0
+
+
+def test_encode_codes_and_generate_refuse_missing_checkpoints_in_one_line(tmp_path):
+    missing = f"file://{tmp_path}/dvae.pt"
+    encode = mmpipe("encode-codes", "--dvae", missing, "--data", f"file://{tmp_path}/", "--out",
+                    f"file://{tmp_path}/codes/")  # fmt: skip
+    assert encode.returncode == 2, encode.stderr[-2000:]
+    assert f"mmpipe: error: dvae_checkpoint (--dvae) not found: {missing}" in encode.stderr
+    generate = mmpipe("generate", "--checkpoint", str(tmp_path / "dalle.pt"), "a red circle")
+    assert generate.returncode == 2, generate.stderr[-2000:]
+    assert f"dalle_checkpoint (--checkpoint) not found: {tmp_path}/dalle.pt" in generate.stderr
+    assert "Traceback" not in encode.stderr + generate.stderr
