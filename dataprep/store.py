@@ -18,6 +18,7 @@ import io
 import os
 import re
 import shutil
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -569,6 +570,50 @@ def open_store(uri: str, s3: S3Settings | None = None) -> ObjectStore:
                 raise ValueError(f"S3 store URI {uri!r}: invalid prefix ({e})") from None
         return S3Store(bucket, prefix, s3)
     raise ValueError(f"unsupported store URI scheme {scheme!r} in {uri!r}; use file:// or s3://")
+
+
+# --------------------------------------------------------------------------- URIs
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """``s3://b/p/00000.tar`` -> (``s3://b/p``, ``00000.tar``): its folder's store URI and key."""
+    if "://" not in uri:
+        raise ValueError(f"URI {uri!r} has no scheme; use file:///abs/path or s3://bucket/key")
+    parent, _, name = uri.rpartition("/")
+    if not name or parent.endswith(":/"):
+        raise ValueError(f"URI {uri!r} names no object")
+    return (parent + "/" if parent.endswith("://") else parent), name
+
+
+def local_path(uri: str) -> Path | None:
+    """The path a plain path or a ``file://`` URI names; None for a remote URI."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return Path(uri)
+    return Path(rest) if scheme.lower() == "file" else None
+
+
+def local_copy(uri: str, s3: S3Settings | None = None) -> Path:
+    """A local file for a path or URI: a remote object is downloaded to a temporary folder."""
+    path = local_path(uri)
+    if path is not None:
+        return path
+    folder, name = split_uri(uri)
+    path = Path(tempfile.mkdtemp(prefix="mmpipe-")) / name
+    open_store(folder, s3).get_file(name, path)
+    return path
+
+
+def require_file(uri: str, s3: S3Settings | None = None, what: str = "file") -> None:
+    """FileNotFoundError naming ``what`` if the file at a path or URI is missing."""
+    path = local_path(uri)
+    if path is not None:
+        found = path.is_file()
+    else:
+        folder, name = split_uri(uri)
+        found = open_store(folder, s3).exists(name)
+    if not found:
+        raise FileNotFoundError(f"{what} not found: {uri}")
 
 
 class StoreConfig(pydantic.BaseModel):

@@ -11,6 +11,8 @@ import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
+from dataprep.store import local_path
+
 FORMATS = ("parquet", "csv", "tsv", "jsonl", "txt")
 
 
@@ -18,8 +20,12 @@ class UrlListError(ValueError):
     """A URL list that cannot be read; the message names the file and the fix."""
 
 
-def _local_path(uri: str) -> Path:
-    return Path(uri.removeprefix("file://")) if uri.startswith("file://") else Path(uri)
+def _local_file(uri: str) -> Path:
+    """The URL list's path; UrlListError if it is not a local file."""
+    path = local_path(uri)
+    if path is None or not path.is_file():
+        raise UrlListError(f"URL list {uri} does not exist")
+    return path
 
 
 def detect_format(path: Path) -> str:
@@ -36,9 +42,7 @@ def read_url_list(uri: str, url_col: str = "url", caption_col: str | None = "cap
     Rows keep their order, since a crawl's shard i is rows [i*N, (i+1)*N). A missing caption
     column is an error when `caption_col` is set; null captions become "".
     """
-    path = _local_path(uri)
-    if not path.is_file():
-        raise UrlListError(f"URL list {uri} does not exist")
+    path = _local_file(uri)
     fmt = detect_format(path)
     table = _read(path, fmt, url_col)
     for col in (url_col, caption_col):
@@ -57,9 +61,7 @@ def read_url_list(uri: str, url_col: str = "url", caption_col: str | None = "cap
 
 def check_url_list(uri: str, url_col: str = "url", caption_col: str | None = "caption") -> None:
     """Fail fast, before any flow starts, on a URL list that is missing or lacks its columns."""
-    path = _local_path(uri)
-    if not path.is_file():
-        raise UrlListError(f"URL list {uri} does not exist")
+    path = _local_file(uri)
     if detect_format(path) == "parquet":
         try:
             names = pq.read_schema(path).names

@@ -2,20 +2,48 @@
 
 The engine section says *how* to train (ZeRO stage, precision, batch arithmetic, schedule);
 the model section says *what* (a registered spec and its architecture); data says *on what*.
+Imports nothing heavy: the CLI validates configs with it before torch or Ray load.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dataprep.store import StoreConfig
-from training.data import DataConfig
+from training.registry import check_spec_name
+
+SpecName = Annotated[str, AfterValidator(check_spec_name)]  # a model in training/registry.py
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    """Where the training shards are and how to stream them (docs/data-loading.md)."""
+
+    # Shard URIs (file:// or s3://), a brace pattern (s3://b/p/{00000..00007}.tar), a crawl
+    # folder (URI ending in '/': shards with a .stats.json) or a manifest (URI ending in .json).
+    source: str | list[str]
+    shuffle_buffer: int = Field(1000, ge=0)  # samples; 0 or 1: no sample shuffle
+    workers: int = Field(2, ge=0)  # DataLoader workers per rank; 0: in the main process
+    resampled: bool = False  # draw shards with replacement per worker (many nodes, few shards)
+    seed: int = 0
+    image_key: str = "jpg;png;jpeg;webp"  # first extension present wins
+    text_key: str = "txt"
+    samples_per_epoch: int | None = Field(None, ge=1)  # overrides the shard counts
+    # A folder of dVAE code sidecars (training/encode_codes.py: `<shard>.codes.npy` per shard):
+    # a DALL-E run's batches then carry each sample's codes instead of an image.
+    codes: str | None = None
+
+    @field_validator("source")
+    @classmethod
+    def _not_empty(cls, source: str | list[str]) -> str | list[str]:
+        if not source:
+            raise ValueError("source is empty: give shard URIs, a pattern, a folder or manifest")
+        return source
 
 
 class ZeroConfig(_Strict):
@@ -85,8 +113,8 @@ class TrainConfig(_Strict):
     """One training run. `name` identifies it: launching the same name again resumes it."""
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
-    spec: Literal["clip", "dvae", "dalle"] = "clip"
-    model: str = "clip-tiny"  # architecture name (configs/models/*.json or open_clip built-ins)
+    spec: SpecName = "clip"
+    model: str = "clip-tiny"  # architecture: the package's model_configs/ or open_clip built-ins
     model_args: dict[str, Any] = {}  # dVAE / DALL-E: overrides of the architecture's fields
     dvae_checkpoint: str | None = None  # DALL-E: the frozen dVAE (exported file, path or URI)
     steps: int = Field(1000, ge=1)
@@ -109,3 +137,16 @@ class TrainConfig(_Strict):
 
     def run_prefix(self) -> str:
         return f"runs/{self.name}"
+
+
+class EncodeConfig(_Strict):
+    """Code a dataset's shards with an exported dVAE, one Ray task per shard (encode_codes.py)."""
+
+    source: str | list[str]  # as training's data.source: shards, pattern, folder/ or manifest
+    dvae_checkpoint: str  # an exported dvae.pt (path or URI)
+    out: str  # folder URI for the sidecars (codes depend on the dVAE: one folder per dVAE)
+    batch_size: int = Field(256, ge=1)
+    cpus_per_task: int = Field(1, ge=1)
+    max_retries: int = Field(2, ge=0)
+    ray_address: str | None = None  # None: a local Ray (or the one already running)
+    store: StoreConfig = StoreConfig()  # S3 settings for s3:// URIs

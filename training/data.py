@@ -1,53 +1,8 @@
-"""Training data: WebDataset shards streamed from the object store, equal steps on every rank.
+"""The training stream: one rank's WebDataset batches, equal steps on every rank.
 
-The pipeline follows open_clip's ``get_wds_dataset`` and runs in each DataLoader worker:
-
-    epoch shard order            seeded by (seed, epoch): identical on every rank
-    split by node                rank's share of the shards
-    split by worker              worker's share of the rank's shards
-    per pass over that share:
-        read tars                through ``open_store``: file:// and s3:// share one code path
-        drop incomplete          no image or no text: counted, dropped before anything costly
-        shuffle                  buffer of ``shuffle_buffer`` samples, drained at the end of a pass
-        fast-forward             resume: drop already-trained samples without decoding them
-        decode                   undecodable image or text: counted, dropped (with
-                                 ``codes`` set: the sample's dVAE codes from its shard's
-                                 sidecar instead of the image; uncoded samples counted)
-    batch                        transform per sample, tokenize per batch
-    cut                          exactly this worker's quota of batches
-
-Equal steps. ZeRO/DDP collectives hang if one rank runs fewer steps than another, and shards
-rarely split evenly. As open_clip does with ``with_epoch``, we don't stop when the data runs out:
-``steps_per_epoch = floor(samples / (batch_size * world_size))`` is fixed up front, the rank's
-steps are apportioned among its workers by their expected sample counts, and each worker reads
-its share pass after pass (``repeat()``-style) and stops at exactly its quota. A short share is
-topped up by a second pass over the same samples; a long one leaves its tail for another epoch
-(the per-epoch shard order makes that a different tail each time).
-
-Splitting. Whole shards are dealt round-robin (``split_by_node`` / ``split_by_worker``
-semantics, with rank and world size given explicitly). When the shards don't divide evenly,
-each leftover shard is shared by sample index (``i % stride == offset``) among a group of
-consumers, so every sample belongs to exactly one (rank, worker) per epoch, shares stay
-balanced, and 1 shard for 2 ranks x 2 workers works too. The price: a shared shard is read
-(bytes, not decoded images) once by each consumer sharing it, at most one such shard per
-consumer. ``resampled=True`` instead draws shards with replacement per worker (open_clip's
-``--dataset-resampled``): no partition, no read amplification.
-
-Guarantees, per epoch, when no sample is corrupt (a corrupt one is treated as absent):
-- every rank yields exactly ``steps_per_epoch`` batches of exactly ``batch_size`` samples;
-- (not resampled) each sample is assigned to exactly one worker of one rank; a worker yields its
-  samples once each, in shuffled order, before repeating any of them; so a worker with quota
-  ``q`` batches and ``m`` assigned samples repeats ``max(0, q*B - m)`` samples and leaves
-  ``max(0, m - q*B)`` unseen, and no sample is yielded by two workers or two ranks.
-``TrainLoader.plan()`` reports each worker's share, expected samples and quota.
-
-Data position on resume. A tar stream can't seek, so the exact position can't be jumped to.
-``skip_batches=k`` replays the epoch's deterministic stream and drops the samples of the first
-``k`` batches after shuffling but before decoding: shards are read again, images are not decoded.
-The resumed batches are exactly those the interrupted run would have produced next, unless the
-skipped span held undecodable images: each one makes the stream resume one sample early (a few
-samples trained twice; the number of batches is still exact). Random augmentations are not
-replayed. The cost of the replay is I/O: the bytes of ``k * batch_size`` samples per rank.
+Each DataLoader worker reads its share of the epoch's shards (split by node, then by worker),
+drops incomplete samples, shuffles, fast-forwards on resume, decodes through the spec's hook
+and batches, stopping at exactly its quota. docs/data-loading.md explains the guarantees.
 """
 
 from __future__ import annotations
@@ -58,76 +13,51 @@ import functools
 import hashlib
 import io
 import itertools
-import json
 import logging
 import random
-import re
 import tarfile
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from typing import Any, BinaryIO
 
-import braceexpand
-import numpy as np
-import pydantic
 import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from dataprep.store import ObjectNotFound, ObjectStore, S3Settings, StoreError, open_store
+from dataprep.store import ObjectStore, S3Settings, StoreError, open_store
+from training.config import DataConfig
+from training.shards import DataError, ShardInfo, split_shard_uri
 
 log = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
+RawSample = dict[str, Any]  # __key__, __url__, image and text (bytes), as read from the tar
+Decode = Callable[[RawSample], dict[str, torch.Tensor]]  # a sample's tensors, batched by name
 ImageTransform = Callable[[Image.Image], torch.Tensor]
 Tokenize = Callable[[list[str]], torch.Tensor]
 
-_STATS_SUFFIX = ".stats.json"
-_META_FILE = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, not samples
-_IO_THREADS = 16  # concurrent stats reads / tar scans while resolving shards
 _LOGGED_SKIPS = 20  # per worker and epoch, then only every 1000th
-_SIDECARS_KEPT = 8  # code sidecars cached per worker (LRU)
 
 
-class DataError(RuntimeError):
-    """The training data can't be used as configured; the message names the URI involved."""
-
-
-class DataConfig(pydantic.BaseModel):
-    """Where the training shards are and how to stream them."""
-
-    model_config = pydantic.ConfigDict(extra="forbid")
-
-    # Shard URIs (file:// or s3://), a brace pattern (s3://b/p/{00000..00007}.tar), a crawl
-    # folder (URI ending in '/': shards with a .stats.json) or a manifest (URI ending in .json).
-    source: str | list[str]
-    shuffle_buffer: int = pydantic.Field(1000, ge=0)  # samples; 0 or 1: no sample shuffle
-    workers: int = pydantic.Field(2, ge=0)  # DataLoader workers per rank; 0: in the main process
-    resampled: bool = False  # draw shards with replacement per worker (many nodes, few shards)
-    seed: int = 0
-    image_key: str = "jpg;png;jpeg;webp"  # first extension present wins
-    text_key: str = "txt"
-    samples_per_epoch: int | None = pydantic.Field(None, ge=1)  # overrides the shard counts
-    # A folder of dVAE code sidecars (training/encode_codes.py: `<shard>.codes.npy` per shard):
-    # batches then carry each sample's codes (`codes`, [B, h, w] long) instead of an image.
-    codes: str | None = None
-
-    @pydantic.field_validator("source")
-    @classmethod
-    def _not_empty(cls, source: str | list[str]) -> str | list[str]:
-        if not source:
-            raise ValueError("source is empty: give shard URIs, a pattern, a folder or manifest")
-        return source
+class SkipSample(Exception):
+    """Raised by a decode hook: the sample is unusable (counted and dropped, not fatal)."""
 
 
 @dataclasses.dataclass(frozen=True)
-class ShardInfo:
-    uri: str
-    samples: int | None  # None: unknown (then DataConfig.samples_per_epoch must be set)
+class DecodeImage:
+    """The default decode hook: ``{"image": transform(RGB image)}``."""
+
+    transform: ImageTransform
+
+    def __call__(self, sample: RawSample) -> dict[str, torch.Tensor]:
+        try:
+            # convert() forces the full decode here, so a truncated image fails here.
+            image = Image.open(io.BytesIO(sample["image"])).convert("RGB")
+        except Exception as e:  # PIL raises many types for corrupt bytes
+            raise SkipSample(repr(e)) from None
+        return {"image": self.transform(image)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,202 +80,6 @@ class WorkerPlan:
     pieces: tuple[Piece, ...]  # empty when resampled (drawn while streaming)
     expected_samples: int | None  # None: counts unknown, or resampled
     batches: int  # this worker's quota; the rank's quotas sum to steps_per_epoch
-
-
-# --------------------------------------------------------------------------- resolving shards
-
-
-def resolve_shards(
-    cfg: DataConfig, s3: S3Settings | None = None, scan: bool = True
-) -> list[ShardInfo]:
-    """The shards ``cfg.source`` names, with sample counts where they can be known.
-
-    Counts come from crawl ``.stats.json`` sidecars (``kept``) or the manifest. Shards given
-    as a list or pattern use a sidecar when one sits next to the tar; otherwise, unless
-    ``samples_per_epoch`` is set or ``scan`` is False (count None), the tar is scanned: a local
-    tar costs only its headers (tarfile seeks over member data) but an S3 tar is streamed
-    whole, so that is one full read of the dataset. Set ``samples_per_epoch`` or use a
-    manifest for large S3 datasets.
-    """
-    source = cfg.source
-    if isinstance(source, str) and source.endswith("/"):
-        shards = _crawl_folder(source, s3)
-    elif isinstance(source, str) and source.endswith(".json"):
-        shards = _manifest(source, s3)
-    else:
-        patterns = [source] if isinstance(source, str) else source
-        uris = [uri for pattern in patterns for uri in braceexpand.braceexpand(pattern)]
-        shards = _listed(uris, s3, scan=scan and cfg.samples_per_epoch is None)
-    if not shards:
-        raise DataError(f"no shards found in {source}")
-    return shards
-
-
-def check_data(cfg: DataConfig, s3: S3Settings | None = None) -> list[ShardInfo]:
-    """What a training run reads exists, checked before any worker starts: the shards, and with
-    ``codes`` a code sidecar for each. Sidecars and manifests are read, tars are not scanned."""
-    shards = resolve_shards(cfg, s3, scan=False)
-    if cfg.codes is not None:
-        from training.encode_codes import SUFFIX
-
-        present = set(_open_folder(cfg.codes, s3).list())
-        missing = [s.uri for s in shards if _sidecar_name(s.uri, SUFFIX) not in present]
-        if missing:
-            raise DataError(
-                f"no dVAE codes for {len(missing)} of {len(shards)} shards in {cfg.codes} "
-                f"(first: {missing[0]}); encode the shards first (mmpipe encode-codes)"
-            )
-    return shards
-
-
-def _sidecar_name(shard_uri: str, suffix: str) -> str:
-    """``.../00003.tar`` -> ``00003<suffix>``: a shard's sidecar in another folder."""
-    return shard_uri.rpartition("/")[2].removesuffix(".tar") + suffix
-
-
-def _split_uri(uri: str) -> tuple[str, str]:
-    """``s3://b/p/00000.tar`` -> (``s3://b/p``, ``00000.tar``): the folder's store and a key."""
-    if "://" not in uri:
-        raise DataError(f"shard URI {uri!r} has no scheme; use file:///abs/path or s3://bucket/key")
-    parent, _, name = uri.rpartition("/")
-    if not name or parent.endswith(":/"):
-        raise DataError(f"shard URI {uri!r} names no object")
-    return (parent + "/" if parent.endswith("://") else parent), name
-
-
-def _open_folder(uri: str, s3: S3Settings | None) -> ObjectStore:
-    try:
-        return open_store(uri, s3)
-    except ValueError as e:
-        raise DataError(str(e)) from None
-
-
-def _read_json(store: ObjectStore, key: str, what: str) -> Any:
-    try:
-        return json.loads(store.get_bytes(key))
-    except ObjectNotFound:
-        raise DataError(f"{what} not found: {store.uri(key)}") from None
-    except (StoreError, ValueError) as e:
-        raise DataError(f"cannot read {what} {store.uri(key)}: {e}") from e
-
-
-def _kept(store: ObjectStore, key: str) -> int:
-    stats = _read_json(store, key, "shard stats")
-    if not isinstance(stats, dict) or not isinstance(stats.get("kept"), int):
-        raise DataError(f"shard stats {store.uri(key)} has no integer 'kept' field")
-    return stats["kept"]
-
-
-def _parallel(fn: Callable[..., Any], *args: list[Any]) -> list[Any]:
-    """``map`` over threads: these are object-store round trips, not CPU work."""
-    with ThreadPoolExecutor(max_workers=_IO_THREADS) as pool:
-        return list(pool.map(fn, *args))
-
-
-def _crawl_folder(uri: str, s3: S3Settings | None) -> list[ShardInfo]:
-    """Committed crawl shards: a tar counts only once its ``.stats.json`` exists."""
-    store = _open_folder(uri, s3)
-    keys = {key for key in store.list() if "/" not in key}
-    stats = sorted(key for key in keys if key.endswith(_STATS_SUFFIX))
-    if not stats:
-        raise DataError(
-            f"no shards found in {uri}: no *{_STATS_SUFFIX} (a crawl shard is committed "
-            "when its stats file is written; has the crawl run?)"
-        )
-    tars = [key.removesuffix(_STATS_SUFFIX) + ".tar" for key in stats]
-    for tar, stat in zip(tars, stats, strict=True):
-        if tar not in keys:
-            raise DataError(f"shard not found: {store.uri(tar)} (its {stat} exists)")
-    counts = _parallel(functools.partial(_kept, store), stats)
-    return [ShardInfo(store.uri(tar), n) for tar, n in zip(tars, counts, strict=True)]
-
-
-class _ManifestShard(pydantic.BaseModel):
-    path: str
-    samples: int = pydantic.Field(ge=0)
-    bytes: int | None = None
-    sha256: str | None = None
-
-
-class _Manifest(pydantic.BaseModel):
-    shards: list[_ManifestShard]
-
-
-def _manifest(uri: str, s3: S3Settings | None) -> list[ShardInfo]:
-    """``{"shards": [{"path": <relative to the manifest's folder>, "samples": N, ...}]}``."""
-    folder, key = _split_uri(uri)
-    store = _open_folder(folder, s3)
-    try:
-        manifest = _Manifest.model_validate(_read_json(store, key, "manifest"))
-    except pydantic.ValidationError as e:
-        raise DataError(f"cannot read manifest {uri}: not a shard manifest: {e}") from None
-    for shard in manifest.shards:
-        parts = shard.path.split("/")
-        if shard.path.startswith("/") or any(p in ("", ".", "..") for p in parts):
-            raise DataError(f"manifest {uri}: shard path {shard.path!r} must stay in its folder")
-    located = _locate([f"{folder.rstrip('/')}/{s.path}" for s in manifest.shards], s3)
-    return [ShardInfo(at.uri, s.samples) for at, s in zip(located, manifest.shards, strict=True)]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Located:
-    store: ObjectStore  # the shard's folder
-    key: str  # the shard's name in it
-    folder_keys: frozenset[str]  # everything else in that folder (sidecars)
-
-    @property
-    def uri(self) -> str:  # canonical, whatever the spelling of the input
-        return self.store.uri(self.key)
-
-
-def _locate(uris: list[str], s3: S3Settings | None) -> list[_Located]:
-    """List each shard folder once (not one request per shard); raise if a shard is missing."""
-    folders: dict[str, tuple[ObjectStore, frozenset[str]]] = {}
-    located = []
-    for uri in uris:
-        parent, name = _split_uri(uri)
-        if parent not in folders:
-            store = _open_folder(parent, s3)
-            folders[parent] = (store, frozenset(k for k in store.list() if "/" not in k))
-        store, keys = folders[parent]
-        if name not in keys:
-            raise DataError(f"shard not found: {uri}")
-        located.append(_Located(store, name, keys))
-    return located
-
-
-def _listed(uris: list[str], s3: S3Settings | None, scan: bool) -> list[ShardInfo]:
-    def count(at: _Located) -> int | None:
-        sidecar = at.key.removesuffix(".tar") + _STATS_SUFFIX
-        if sidecar in at.folder_keys:
-            return _kept(at.store, sidecar)
-        return count_samples(at.store, at.key) if scan else None
-
-    located = _locate(uris, s3)
-    return [ShardInfo(at.uri, n) for at, n in zip(located, _parallel(count, located), strict=True)]
-
-
-def count_samples(store: ObjectStore, key: str) -> int:
-    """Samples in a tar (runs of member names sharing a key). See ``resolve_shards`` for cost."""
-    count, last = 0, None
-    try:
-        with store.open(key) as f, tarfile.open(fileobj=f, mode=_scan_mode(f)) as tar:
-            for member in tar:
-                if member.isreg() and not _META_FILE.match(member.name):
-                    prefix, _ = base_plus_ext(member.name)
-                    if prefix is not None and prefix != last:
-                        count, last = count + 1, prefix
-    except tarfile.TarError as e:
-        # The same samples will be readable when training: count those, don't fail here.
-        log.warning("shard %s is damaged after %d samples: %s", store.uri(key), count, e)
-    except StoreError as e:
-        raise DataError(f"cannot count samples of {store.uri(key)}: {e}") from e
-    return count
-
-
-def _scan_mode(f: BinaryIO) -> str:
-    # A seekable file lets tarfile jump over member data; a network stream must be read whole.
-    return "r:" if f.seekable() else "r|"
 
 
 # --------------------------------------------------------------------------- splitting
@@ -415,9 +149,6 @@ class _WorkerState:
     skipped: int = 0  # corrupt samples since the last batch
     skip_events: int = 0
     stores: dict[str, ObjectStore] = dataclasses.field(default_factory=dict)
-    sidecars: OrderedDict[str, dict[str, np.ndarray]] = dataclasses.field(
-        default_factory=OrderedDict
-    )
 
     def store(self, folder: str) -> ObjectStore:
         # Opened in the worker: an S3 client must not cross a fork.
@@ -437,31 +168,12 @@ class _WorkerState:
         skipped, self.skipped = self.skipped, 0
         return skipped
 
-    def codes_of(self, folder: str, shard_uri: str) -> dict[str, np.ndarray]:
-        """The code sidecar of a shard, ``{key: [h, w] codes}``, read once per worker."""
-        if shard_uri in self.sidecars:
-            self.sidecars.move_to_end(shard_uri)
-        else:
-            from training.encode_codes import SUFFIX, read_codes
-
-            sidecar = f"{folder.rstrip('/')}/{_sidecar_name(shard_uri, SUFFIX)}"
-            try:
-                self.sidecars[shard_uri] = read_codes(sidecar, self.s3)
-            except StoreError as e:
-                raise DataError(
-                    f"no dVAE codes for {shard_uri}: {sidecar} cannot be read ({e}); encode the "
-                    "shards first (mmpipe encode-codes)"
-                ) from None
-            if len(self.sidecars) > _SIDECARS_KEPT:  # the shuffle buffer mixes a few shards
-                self.sidecars.popitem(last=False)
-        return self.sidecars[shard_uri]
-
 
 def _read_piece(
     uri: str, piece: Piece, shard_samples: int | None, state: _WorkerState
 ) -> Iterator[dict[str, Any]]:
     """The piece's raw samples. A damaged tar ends the piece; its lost samples are counted."""
-    folder, key = _split_uri(uri)
+    folder, key = split_shard_uri(uri)
     errors: list[Exception] = []
 
     def on_error(exn: Exception) -> bool:  # webdataset handler: note, carry on
@@ -501,6 +213,13 @@ def _has_trailing_data(stream: BinaryIO) -> bool:
     return False
 
 
+def _caption(sample: RawSample) -> str:
+    try:
+        return sample["text"].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SkipSample(repr(e)) from None
+
+
 def _fast_forward(
     samples: Iterator[dict[str, Any]], state: _WorkerState
 ) -> Iterator[dict[str, Any]]:
@@ -526,7 +245,7 @@ class _RankStream(IterableDataset):
     rank: int
     world_size: int
     batch_size: int
-    image_transform: ImageTransform
+    decode: Decode
     tokenize: Tokenize
     steps_per_epoch: int
     s3: S3Settings | None
@@ -577,7 +296,7 @@ class _RankStream(IterableDataset):
 
     def _samples(
         self, plan: WorkerPlan, worker: int, state: _WorkerState
-    ) -> Iterator[tuple[torch.Tensor, str]]:
+    ) -> Iterator[tuple[dict[str, torch.Tensor], str]]:
         """Pass after pass over the worker's share; the consumer stops at the quota."""
         for n in itertools.count():
             rng = random.Random(_seed(self.cfg.seed, self.epoch, self.rank, worker, n))
@@ -586,7 +305,7 @@ class _RankStream(IterableDataset):
                 functools.partial(self._complete, state=state),  # image and text present
                 self._shuffler(rng),  # within the pass: no repeat before every sample is seen
                 functools.partial(_fast_forward, state=state),  # resume, before decoding
-                functools.partial(self._decode, state=state),  # PIL, transform; bad -> counted
+                functools.partial(self._decode, state=state),  # the spec's hook; bad -> counted
             ]
             usable = 0
             for sample in functools.reduce(lambda s, f: f(s), stages, self._pieces(plan, rng)):
@@ -635,36 +354,24 @@ class _RankStream(IterableDataset):
         return wds.shuffle(size, initial=size, rng=rng) if size > 1 else (lambda s: s)
 
     def _decode(
-        self, samples: Iterator[dict[str, Any]], state: _WorkerState
-    ) -> Iterator[tuple[torch.Tensor, str] | None]:
+        self, samples: Iterator[RawSample], state: _WorkerState
+    ) -> Iterator[tuple[dict[str, torch.Tensor], str] | None]:
         """Decoded samples; ``None`` for a fast-forwarded one (it still counts for the guard)."""
         for sample in samples:
             if sample.get("__fast_forwarded__"):
                 yield None
                 continue
-            if self.cfg.codes is not None:
-                codes = state.codes_of(self.cfg.codes, sample["__url__"]).get(sample["__key__"])
-                if codes is None:  # not coded: its image did not decode when encoded
-                    state.skip(1, f"sample {sample['__key__']} in {sample['__url__']}: no codes")
-                    continue
-                yield torch.from_numpy(codes.astype(np.int64)), sample["text"].decode("utf-8")
-                continue
             try:
-                # convert() forces the full decode here, so a truncated image fails here.
-                image = Image.open(io.BytesIO(sample["image"])).convert("RGB")
-                text = sample["text"].decode("utf-8")
-            except Exception as e:  # PIL raises many types for corrupt bytes
-                state.skip(1, f"sample {sample['__key__']} in {sample['__url__']}: {e!r}")
-                continue
-            yield self.image_transform(image), text
+                yield self.decode(sample), _caption(sample)
+            except SkipSample as e:
+                state.skip(1, f"sample {sample['__key__']} in {sample['__url__']}: {e}")
 
     def _batches(
-        self, samples: Iterator[tuple[torch.Tensor, str]], state: _WorkerState
+        self, samples: Iterator[tuple[dict[str, torch.Tensor], str]], state: _WorkerState
     ) -> Iterator[Batch]:
         while True:  # samples never end: passes repeat until the quota is cut
-            images, texts = zip(*itertools.islice(samples, self.batch_size), strict=True)
-            yield {
-                "codes" if self.cfg.codes is not None else "image": torch.stack(images),
+            fields, texts = zip(*itertools.islice(samples, self.batch_size), strict=True)
+            yield {name: torch.stack([f[name] for f in fields]) for name in fields[0]} | {
                 "text": self.tokenize(list(texts)),
                 "skipped": torch.tensor(state.take_skipped(), dtype=torch.long),
             }
@@ -700,7 +407,7 @@ class TrainLoader:
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Select the epoch to run (shard order and shuffles derive from it).
 
-        ``skip_batches``: resume after that many batches of this epoch (see module doc). It
+        ``skip_batches``: resume after that many batches of this epoch (docs/data-loading.md). It
         applies to every iteration until the next ``set_epoch``: pass it only on resume.
         """
         if not 0 <= skip_batches <= self.steps_per_epoch:
@@ -748,8 +455,9 @@ def make_train_loader(
     rank: int,
     world_size: int,
     batch_size: int,
-    image_transform: ImageTransform,
     tokenize: Tokenize,
+    image_transform: ImageTransform | None = None,
+    decode: Decode | None = None,
     epoch: int = 0,
     skip_batches: int = 0,
     s3: S3Settings | None = None,
@@ -757,10 +465,14 @@ def make_train_loader(
 ) -> TrainLoader:
     """A loader yielding ``{"image": [B,3,H,W] float, "text": [B,ctx] long, "skipped": long}``.
 
+    ``decode`` turns a raw sample into named tensors (``DecodeImage(image_transform)`` unless
+    given: the ``image`` above); ``tokenize`` turns the batch's captions into ``text``.
     ``skipped`` is the number of corrupt samples (plus samples lost in damaged tars) the
     worker that made the batch dropped since its previous batch; summed over an epoch's
     batches it is the rank's total.
     """
+    if (decode is None) == (image_transform is None):
+        raise ValueError("give make_train_loader a decode hook or an image_transform")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} not in a world of size {world_size}")
     if batch_size < 1:
@@ -781,8 +493,9 @@ def make_train_loader(
             f"{total} samples in {cfg.source} make no full step of {batch_size} x {world_size} "
             "ranks"
         )
+    decode = decode or DecodeImage(image_transform)
     stream = _RankStream(
-        cfg, tuple(shards), rank, world_size, batch_size, image_transform, tokenize, steps, s3
+        cfg, tuple(shards), rank, world_size, batch_size, decode, tokenize, steps, s3
     )
     loader = TrainLoader(stream, pin_memory)
     loader.set_epoch(epoch, skip_batches)

@@ -1,19 +1,9 @@
-"""dVAE codes for a dataset's shards, as one sidecar per shard (the reproductions' stage 1.5).
+"""dVAE codes for a dataset's shards, one sidecar per shard (the reproductions' stage 1.5).
 
-``NNNNN.tar`` gets ``NNNNN.codes.npy`` next to it (or under ``out``): a structured array with
-one row per decodable sample, ``key`` (the WebDataset ``__key__``, bytes) and ``codes``
-(``[h, w]`` int16, raster order), so a transformer run can read codes instead of running the
-dVAE on every epoch. Samples whose image does not decode are left out and counted. Each shard is
-one call (``encode_shard``): any shard can be re-run alone; a sidecar is written whole
-(``put_bytes``) or not at all.
-
-    from training.encode_codes import encode_shards, read_codes
-    encode_shards(["file:///data/crawl/00000.tar"], "dvae.pt")
-    codes = read_codes("file:///data/crawl/00000.codes.npy")   # {key: [h, w] int16}
-
-At scale, ``encode_dataset(EncodeConfig(...))`` runs one Ray task per shard (retried on
-failure), on a local Ray or a cluster; a transformer run reads the sidecars with
-``data.codes=<out>``.
+``NNNNN.tar`` gets ``NNNNN.codes.npy`` (training/codes.py) next to it or under ``out``, so a
+transformer run reads codes (``data.codes=<out>``) instead of running the dVAE every epoch.
+Each shard is one call (``encode_shard``) that writes its sidecar whole or not at all;
+``encode_dataset`` runs one Ray task per shard.
 """
 
 from __future__ import annotations
@@ -26,13 +16,22 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from dataprep.store import ObjectStore, S3Settings, StoreConfig, open_store
-from training.models.dvae import DVAE
+from dataprep.store import (
+    ObjectStore,
+    S3Settings,
+    local_copy,
+    open_store,
+    require_file,
+    split_uri,
+)
+from training.codes import sidecar_dtype, sidecar_name
+from training.config import DataConfig, EncodeConfig
+from training.models.dvae import DVAE, load_dvae
+from training.shards import check_data, resolve_shards
+from training.specs.dvae import image_transform
 
-SUFFIX = ".codes.npy"
 IMAGE_KEYS = ("jpg", "png", "jpeg", "webp")
 
 
@@ -42,15 +41,6 @@ class ShardCodes:
     sidecar: str  # the written sidecar's URI
     samples: int  # coded samples
     skipped: int  # samples without a decodable image
-
-
-def sidecar_dtype(grid: int) -> np.dtype:
-    return np.dtype([("key", "S64"), ("codes", np.int16, (grid, grid))])
-
-
-def _split(uri: str) -> tuple[str, str]:
-    folder, _, name = uri.rpartition("/")
-    return folder, name
 
 
 def _samples(store: ObjectStore, key: str, uri: str) -> Iterator[dict[str, Any]]:
@@ -71,7 +61,7 @@ def encode_shard(
     to the tar). ``transform``: PIL image -> [3, H, W] in [0, 1], as the dVAE was trained."""
     if dvae.config.vocab_size > np.iinfo(np.int16).max + 1:
         raise ValueError("codes above 32767 do not fit the int16 sidecar")
-    folder, name = _split(shard_uri)
+    folder, name = split_uri(shard_uri)
     store = open_store(folder, s3)
     keys: list[bytes] = []
     codes: list[np.ndarray] = []
@@ -109,7 +99,7 @@ def encode_shard(
     buffer = io.BytesIO()
     np.save(buffer, table, allow_pickle=False)
     out_store = store if out_uri is None else open_store(out_uri, s3)
-    sidecar_key = name.removesuffix(".tar") + SUFFIX
+    sidecar_key = sidecar_name(shard_uri)
     out_store.put_bytes(sidecar_key, buffer.getvalue())
     return ShardCodes(shard_uri, out_store.uri(sidecar_key), len(keys), skipped)
 
@@ -122,33 +112,9 @@ def encode_shards(
     s3: S3Settings | None = None,
 ) -> list[ShardCodes]:
     """``encode_shard`` for each tar with the exported dVAE ``dvae_checkpoint``."""
-    from training.specs.dvae import image_transform, load_dvae, local_copy
-
     dvae = load_dvae(local_copy(dvae_checkpoint, s3))
     transform = image_transform(dvae.config.image_size)
     return [encode_shard(uri, dvae, transform, out_uri, batch_size, s3) for uri in shard_uris]
-
-
-def read_codes(sidecar_uri: str, s3: S3Settings | None = None) -> dict[str, np.ndarray]:
-    """A sidecar as ``{key: [h, w] int16 codes}``."""
-    folder, name = _split(sidecar_uri)
-    table = np.load(io.BytesIO(open_store(folder, s3).get_bytes(name)), allow_pickle=False)
-    return {key.decode(): codes for key, codes in zip(table["key"], table["codes"], strict=True)}
-
-
-class EncodeConfig(BaseModel):
-    """Code a dataset's shards with an exported dVAE, one Ray task per shard."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    source: str | list[str]  # as training's data.source: shards, pattern, folder/ or manifest
-    dvae_checkpoint: str  # an exported dvae.pt (path or URI)
-    out: str  # folder URI for the sidecars (codes depend on the dVAE: one folder per dVAE)
-    batch_size: int = Field(256, ge=1)
-    cpus_per_task: int = Field(1, ge=1)
-    max_retries: int = Field(2, ge=0)
-    ray_address: str | None = None  # None: a local Ray (or the one already running)
-    store: StoreConfig = StoreConfig()  # S3 settings for s3:// URIs
 
 
 def _encode_one(shard_uri: str, cfg_json: str) -> ShardCodes:
@@ -162,9 +128,6 @@ def check_inputs(cfg: EncodeConfig) -> None:
     them: before Ray starts, unless joining a cluster whose paths may differ (``ray_address``)."""
     if cfg.ray_address:
         return
-    from training.data import DataConfig, check_data
-    from training.specs.dvae import require_file
-
     require_file(cfg.dvae_checkpoint, cfg.store.s3, "dvae_checkpoint (--dvae)")
     check_data(DataConfig(source=cfg.source), cfg.store.s3)
 
@@ -172,8 +135,6 @@ def check_inputs(cfg: EncodeConfig) -> None:
 def encode_dataset(cfg: EncodeConfig) -> list[ShardCodes]:
     """Sidecars for every non-empty shard of ``cfg.source`` in ``cfg.out``, coded on Ray."""
     import ray
-
-    from training.data import DataConfig, resolve_shards
 
     found = resolve_shards(DataConfig(source=cfg.source), cfg.store.s3)
     shards = [s.uri for s in found if s.samples != 0]

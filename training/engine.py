@@ -26,7 +26,8 @@ from training.parallel import (
     make_optimizer,
     make_scheduler,
 )
-from training.specs import get_spec, param_groups
+from training.registry import get_spec
+from training.specs import param_groups
 
 CLIENT_STATE = "mmpipe_state"
 

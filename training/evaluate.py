@@ -1,20 +1,9 @@
 """Zero-shot classification and retrieval metrics, and the sample-web held-out set.
 
-The sample web's classes are shape x colour (16, e.g. "red circle").  Its captions also name a
-size, a position and a background, and the text tower learns those too, so a class prompt that
-leaves them out is off the caption distribution.  The zero-shot prompts are therefore full
-captions: every ``CAPTION_TEMPLATES`` entry filled with the class and with ``fillings``
-size/position/background combinations (default all 3*9*4 = 108, so 648 prompts a class).
-
-Two ways to ensemble a class's prompts, both from the CLIP paper (section 3.1.4):
-- embedding space (``top1``; CLIP's choice): the class weight is the renormalised mean of its
-  prompt embeddings, one dot product per class;
-- probability space (``prob_ensemble_top1``): the model's own softmax over every prompt of
-  every class, at its learned temperature, summed per class, i.e. p(class | image) as the sum
-  of p(caption | image) over the class's captions.  CLIP chose embedding space because it
-  costs one classifier per class; with nuisance words in every caption (where a shape is, on
-  which background) a small model's caption embeddings are far from additive, and their
-  per-class mean loses most of what the model knows (see benchmarks/clip_recipe.py).
+The sample web's classes are shape x colour. A class is prompted with full captions (every
+``CAPTION_TEMPLATES`` entry filled with the class and each size/position/background), and its
+prompts are ensembled in embedding space (``top1``, CLIP's choice) and in probability space
+(``prob_ensemble_top1``): docs/training.md explains why both.
 """
 
 from __future__ import annotations

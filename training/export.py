@@ -13,7 +13,7 @@ import torch
 
 from dataprep.store import ObjectStore
 from training.config import TrainConfig
-from training.specs import get_spec
+from training.registry import get_spec
 
 
 def latest_checkpoint_prefix(store: ObjectStore, run_prefix: str) -> str | None:

@@ -19,12 +19,16 @@ import json
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dataprep.store import StoreConfig
-from training.colour_match import colour_matches, named_colour
-from training.sample import Generation, Sampling, generate, write_grid
+from dataprep.store import StoreConfig, local_copy, require_file
+
+if TYPE_CHECKING:
+    from training.sample import Generation, Sampling
+
+# torch loads in the functions that generate: the CLI validates configs with this module.
 
 
 class SamplingConfig(BaseModel):
@@ -44,7 +48,7 @@ class GenerateConfig(BaseModel):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")  # results: samples/<name>/
     dalle_checkpoint: str  # an exported dalle.pt
     dvae_checkpoint: str | None = None  # default: the dVAE the transformer was trained with
-    clip_model: str | None = None  # re-ranking CLIP architecture (configs/models or open_clip)
+    clip_model: str | None = None  # re-ranking CLIP architecture (model_configs/ or open_clip)
     clip_weights: str | None = None  # its open_clip state dict (required with clip_model)
     captions: list[str] = []
     heldout: int = Field(0, ge=0)  # plus this many held-out sample-web captions
@@ -96,13 +100,14 @@ def load_clip(cfg: GenerateConfig):
     if cfg.clip_model is None:
         return None
     from training.models.clip import create_clip
-    from training.specs.dvae import local_copy
 
     weights = local_copy(cfg.clip_weights, cfg.store.s3)
     return create_clip(cfg.clip_model, pretrained=str(weights))
 
 
 def caption_result(generation: Generation) -> CaptionResult:
+    from training.colour_match import colour_matches, named_colour
+
     colour = named_colour(generation.caption)
     scores = generation.clip_scores
     return CaptionResult(
@@ -125,8 +130,6 @@ def colour_rates(results: list[CaptionResult]) -> tuple[float | None, float | No
 
 def check_inputs(cfg: GenerateConfig) -> None:
     """The checkpoints the config names exist (FileNotFoundError naming the field)."""
-    from training.specs.dvae import require_file
-
     for uri, what in (
         (cfg.dalle_checkpoint, "dalle_checkpoint (--checkpoint)"),
         (cfg.dvae_checkpoint, "dvae_checkpoint (--dvae)"),
@@ -138,8 +141,7 @@ def check_inputs(cfg: GenerateConfig) -> None:
 
 def run_generation(cfg: GenerateConfig, progress=None) -> GenerationReport:
     """Generate, re-rank, measure and save; ``progress(done, total)`` after each caption."""
-    from training.sample import load_pipeline
-    from training.specs.dvae import local_copy
+    from training.sample import Sampling, generate, load_pipeline, write_grid
 
     dalle, dvae = load_pipeline(
         local_copy(cfg.dalle_checkpoint, cfg.store.s3),

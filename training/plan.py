@@ -1,24 +1,8 @@
 """Memory planner: which ZeRO stage and offload lets a training config fit on N GPUs.
 
-Per GPU, two parts:
-
-- **Model states** (parameters, gradients, optimizer states) from DeepSpeed's own estimators,
-  ``estimate_zero2_model_states_mem_needs`` and ``estimate_zero3_model_states_mem_needs`` (the
-  functions behind ``estimate_zero{2,3}_model_states_mem_needs_all_cold``, which only print), for
-  each option: ZeRO-2, ZeRO-2 with the optimizer on CPU, ZeRO-3, ZeRO-3 with the optimizer on
-  CPU, ZeRO-3 with optimizer and parameters on CPU. Counts come from the model built on the
-  meta device (nothing allocated).
-- **Activations** of the transformer (DALL-E) for one micro-batch, after Korthikanti et al.
-  2022 ("Reducing Activation Recomputation in Large Transformer Models"): a layer keeps
-  ``s b h (34 + 5 a k / h)`` bytes in 16-bit, with ``k`` keys per query (``s`` for dense
-  attention; the sparse layers' windows here). With checkpointing per resblock only each
-  layer's input (``2 s b h`` bytes) is kept, plus one layer's full set while it is recomputed.
-  Logits add ``b x (text + image logits) x 10`` bytes (16-bit logits, fp32 loss and gradient).
-  Other models: activations are not estimated (model states only).
-
-The verdict is the first option, in order of speed (less offload first), whose total fits in
-``headroom`` of the GPU's memory (the rest: allocator fragmentation, communication buffers,
-the CUDA context).
+Per GPU: model states from DeepSpeed's own estimators for each ZeRO option, counted on the
+model built on the meta device, plus the activations of one micro-batch where the spec
+estimates them. The verdict is the fastest option that fits (docs/training.md).
 """
 
 from __future__ import annotations
@@ -29,9 +13,9 @@ import torch
 from torch import nn
 
 from training.config import TrainConfig
+from training.registry import get_spec
 
 GB = 2**30
-BYTES_16BIT = 2
 
 
 @dataclass(frozen=True)
@@ -78,37 +62,7 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 def meta_model(cfg: TrainConfig) -> nn.Module:
     """The config's model on the meta device (no memory, no dVAE checkpoint needed)."""
     with torch.device("meta"):
-        if cfg.spec == "dalle":
-            from training.models.dalle import Dalle
-            from training.specs.dalle import model_config
-
-            return Dalle(model_config(cfg))
-        if cfg.spec == "dvae":
-            from training.models.dvae import DVAE
-            from training.specs.dvae import model_config
-
-            return DVAE(model_config(cfg))
-        from training.specs import get_spec
-
-        return get_spec(cfg.spec).build(cfg)
-
-
-def dalle_activation_bytes(cfg: TrainConfig, checkpointing: bool) -> int:
-    """Activation bytes of one micro-batch of the DALL-E transformer on one GPU."""
-    from training.models.attention import block_plan
-    from training.specs.dalle import model_config
-
-    m = model_config(cfg)
-    b, s, h, a = cfg.engine.micro_batch_size, m.seq_len, m.d_model, m.n_head
-    layer = s * b * h * 34  # every layer's non-attention-score activations
-    for kind in ("row", "column", "conv"):  # the largest sparse layer bounds the others
-        plan = block_plan(kind, m.layout, m.conv_kernel)
-        keys = m.text_len + plan.window  # keys per image query, text queries fewer
-        layer = max(layer, s * b * h * 34 + 5 * a * b * s * keys)
-    logits = b * ((m.text_len - 1) * m.text_vocab_padded + m.image_len * m.image_vocab) * 10
-    if checkpointing:
-        return m.n_layer * BYTES_16BIT * s * b * h + layer + logits
-    return m.n_layer * layer + logits
+        return get_spec(cfg.spec).architecture(cfg)
 
 
 def plan_memory(
@@ -133,7 +87,8 @@ def plan_memory(
     nodes = gpus // per_node
     params, largest = count_params(meta_model(cfg))
     checkpointing = cfg.engine.activation_checkpointing
-    activations = dalle_activation_bytes(cfg, checkpointing) / GB if cfg.spec == "dalle" else None
+    activation_bytes = get_spec(cfg.spec).activation_bytes(cfg, checkpointing)
+    activations = None if activation_bytes is None else activation_bytes / GB
     plan = MemoryPlan(
         config=config_name,
         model=cfg.model,

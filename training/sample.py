@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from dataprep.store import local_copy
 from training.models.bpe import DalleTokenizer
 from training.models.dalle import Dalle
-from training.models.dvae import DVAE
+from training.models.dvae import DVAE, load_dvae
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,6 @@ def generate(
 def load_pipeline(dalle_checkpoint: str | Path, dvae_checkpoint: str | None = None):
     """The exported transformer and the dVAE it names (or ``dvae_checkpoint``)."""
     from training.specs.dalle import check_compatible, load_dalle
-    from training.specs.dvae import load_dvae, local_copy
 
     dalle, named = load_dalle(dalle_checkpoint)
     uri = dvae_checkpoint or named

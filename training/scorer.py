@@ -10,8 +10,8 @@ whose shape and colour both differ) give the threshold that separates them best.
 The weights are an open_clip state dict (``create_clip(name, pretrained=path)`` loads them);
 ``<path>.json`` beside them records the recipe, the weights' sha256 and the calibration.
 ``ensure_scorer`` trains once and reuses the file while the recipe and the architecture
-(``configs/models/clip-scorer-tiny.json``, the first clip-tiny, kept fixed for the scorer) are
-unchanged.
+(``dataprep/model_configs/clip-scorer-tiny.json``, the first clip-tiny, kept fixed for the
+scorer) are unchanged.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import open_clip
 import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
@@ -32,7 +33,7 @@ from pydantic import BaseModel, ConfigDict
 from dataprep.sampleweb.corpus import generate_corpus, render_image
 from training.evaluate import crawl_border_resize, encode_images, encode_texts, preprocess_images
 from training.losses import ClipLoss, clamp_logit_scale
-from training.models.clip import ClipBundle, create_clip, param_groups
+from training.models.clip import ClipBundle, create_clip, param_groups, register_model_configs
 
 #: Seeds no served sample web uses (the demo serves seed 0, tests 3 and 5).
 TRAIN_SEED = 101
@@ -44,7 +45,7 @@ class ScorerRecipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = "clip-scorer-tiny"  # configs/models: fixed, unlike the clip-tiny training recipe
+    model: str = "clip-scorer-tiny"  # fixed architecture, unlike the clip-tiny training recipe
     # 4,000 pairs x 300 steps: at 2,000 x 200 the scorer misread small low-contrast shapes
     # (yellow on white) and dropped 0.5% of true pairs (benchmarks/quality.py)
     train_n: int = 4000
@@ -178,10 +179,6 @@ def calibrate(bundle: ClipBundle, recipe: ScorerRecipe) -> dict[str, float]:
 
 def architecture(model: str) -> dict:
     """The open_clip config of ``model``: a changed architecture invalidates trained weights."""
-    import open_clip
-
-    from training.models.clip import register_model_configs
-
     register_model_configs()
     return open_clip.get_model_config(model) or {}
 

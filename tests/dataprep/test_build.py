@@ -145,7 +145,8 @@ def test_published_shards_match_the_manifest(built):
 
 
 def test_training_reads_the_manifest(built):
-    from training.data import DataConfig, resolve_shards
+    from training.config import DataConfig
+    from training.shards import resolve_shards
 
     _, staging, _, manifest = built
     uri = staging.store.uri(f"datasets/{NAME}/{manifest.version}/manifest.json")
@@ -245,7 +246,8 @@ def test_build_in_s3(built, clip_scorer, s3_store, moto_s3, tmp_path):
     manifest = build_after_crawl(Staging(s3_store, NAME), stages_config(clip_scorer), tmp_path)
     assert comparable(manifest) == comparable(reference)
     assert s3_store.exists(f"staging/{NAME}/embed/00000.image.npy")
-    from training.data import DataConfig, resolve_shards
+    from training.config import DataConfig
+    from training.shards import resolve_shards
 
     uri = s3_store.uri(f"datasets/{NAME}/{manifest.version}/manifest.json")
     shards = resolve_shards(DataConfig(source=uri), moto_s3.settings())

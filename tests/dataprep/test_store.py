@@ -27,7 +27,11 @@ from dataprep.store import (
     S3Settings,
     S3Store,
     StoreError,
+    local_copy,
+    local_path,
     open_store,
+    require_file,
+    split_uri,
 )
 from tests.conftest import MotoS3, free_port
 
@@ -566,6 +570,25 @@ def test_open_store_dispatches_on_scheme(tmp_path: Path) -> None:
 def test_open_store_rejects_bad_uris(uri: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         open_store(uri)
+
+
+def test_uris_split_into_folder_and_key_and_resolve_to_local_files(store: ObjectStore) -> None:
+    assert split_uri("s3://b/p/00000.tar") == ("s3://b/p", "00000.tar")
+    assert split_uri("file:///x.tar") == ("file:///", "x.tar")
+    for bad, message in (("/no/scheme.tar", "no scheme"), ("s3://bucket", "names no object")):
+        with pytest.raises(ValueError, match=message):
+            split_uri(bad)
+    assert local_path("relative/dvae.pt") == Path("relative/dvae.pt")
+    assert local_path("file:///abs/dvae.pt") == Path("/abs/dvae.pt")
+    assert local_path("s3://b/dvae.pt") is None
+
+    store.put_bytes("exports/dvae.pt", b"weights")
+    uri = store.uri("exports/dvae.pt")
+    settings = getattr(store, "settings", None)
+    assert local_copy(uri, settings).read_bytes() == b"weights"
+    require_file(uri, settings)
+    with pytest.raises(FileNotFoundError, match=f"the dVAE not found: {uri}x"):
+        require_file(uri + "x", settings, "the dVAE")
 
 
 def test_s3_settings_keep_the_secret_secret() -> None:

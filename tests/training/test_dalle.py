@@ -16,10 +16,9 @@ from training.models.dalle import (
     count_parameters,
     dalle_loss,
 )
-from training.models.dvae import DVAE, DVAEConfig
+from training.models.dvae import DVAE, DVAEConfig, save_dvae
 from training.monitor import read_metrics
 from training.specs.dalle import DalleSpec, check_compatible, load_dalle
-from training.specs.dvae import save_dvae
 
 
 def tiny(**overrides) -> DalleConfig:

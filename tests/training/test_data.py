@@ -6,31 +6,23 @@ caption back into that id, so every test can say exactly which samples a batch h
 
 from __future__ import annotations
 
-import hashlib
 import io
 import itertools
 import json
-import re
 import tarfile
 from collections import Counter
 from typing import Any
 
 import numpy as np
-import pydantic
 import pytest
 import torch
 import webdataset as wds
 from PIL import Image
 
 from dataprep.store import ObjectStore
-from training.data import (
-    DataConfig,
-    DataError,
-    ShardInfo,
-    TrainLoader,
-    make_train_loader,
-    resolve_shards,
-)
+from training.config import DataConfig
+from training.data import TrainLoader, make_train_loader
+from training.shards import DataError, ShardInfo, resolve_shards
 
 
 def _jpeg() -> bytes:
@@ -120,78 +112,6 @@ def run(train: TrainLoader) -> tuple[list[list[int]], int]:
 
 def flat(batches: list[list[int]]) -> list[int]:
     return [i for batch in batches for i in batch]
-
-
-# --------------------------------------------------------------------------- resolving
-
-
-def test_every_kind_of_source_resolves_to_the_same_shards(store: ObjectStore) -> None:
-    uris = write_dataset(store, "ds")
-    root, s3 = store.uri("ds"), getattr(store, "settings", None)
-    manifest = {"name": "demo", "shards": []}
-    for s in range(5):
-        data = store.get_bytes(f"ds/{s:05d}.tar")
-        entry = {
-            "path": f"{s:05d}.tar",
-            "samples": 37,
-            "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(),
-        }
-        manifest["shards"].append(entry)
-    store.put_bytes("ds/manifest.json", json.dumps(manifest).encode())
-    expected = [ShardInfo(uri, 37) for uri in uris]
-
-    for source in (uris, f"{root}/{{00000..00004}}.tar", f"{root}/", f"{root}/manifest.json"):
-        assert resolve_shards(DataConfig(source=source), s3) == expected, source
-
-    # No sidecars: counted by scanning the tar (seeking locally, streamed from S3)...
-    raw = write_dataset(store, "raw", stats=False)
-    assert resolve_shards(DataConfig(source=raw), s3) == [ShardInfo(u, 37) for u in raw]
-    # ... unless the epoch size is given.
-    cfg = DataConfig(source=raw, samples_per_epoch=100)
-    assert resolve_shards(cfg, s3) == [ShardInfo(u, None) for u in raw]
-
-
-def test_manifest_paths_are_relative_to_its_folder(local_store: ObjectStore) -> None:
-    uris = write_dataset(local_store, "datasets/demo/v1/shards", shards=2)
-    shards = [{"path": f"shards/{s:05d}.tar", "samples": 37} for s in range(2)]
-    local_store.put_bytes("datasets/demo/v1/manifest.json", json.dumps({"shards": shards}).encode())
-    cfg = DataConfig(source=local_store.uri("datasets/demo/v1/manifest.json"))
-    assert resolve_shards(cfg) == [ShardInfo(u, 37) for u in uris]
-
-
-def test_bad_sources_give_errors_naming_the_uri(local_store: ObjectStore) -> None:
-    uris = write_dataset(local_store, "ds", shards=2)
-    root = local_store.uri("ds")
-
-    def error(source: str | list[str], **cfg: Any) -> str:
-        with pytest.raises(DataError) as info:
-            resolve_shards(DataConfig(source=source, **cfg))
-        return str(info.value)
-
-    assert error([*uris, f"{root}/00009.tar"]) == f"shard not found: {root}/00009.tar"
-    assert error(f"{root}/{{00000..00002}}.tar") == f"shard not found: {root}/00002.tar"
-    assert "no shards found in" in error(local_store.uri("nothing") + "/")
-    local_store.put_bytes("ds/00007.stats.json", b'{"kept": 3}')
-    assert f"shard not found: {root}/00007.tar" in error(f"{root}/")
-    assert error(f"{root}/manifest.json") == f"manifest not found: {root}/manifest.json"
-    for bad in (b"{not json", b'{"shards": [{"path": "00000.tar"}]}'):
-        local_store.put_bytes("ds/manifest.json", bad)
-        assert f"cannot read manifest {root}/manifest.json" in error(f"{root}/manifest.json")
-    for path, message in (("00005.tar", "shard not found"), ("../x.tar", "stay in its folder")):
-        local_store.put_bytes(
-            "ds/manifest.json", json.dumps({"shards": [{"path": path, "samples": 1}]}).encode()
-        )
-        assert message in error(f"{root}/manifest.json")
-    assert "no scheme" in error("/abs/path/00000.tar")
-    with pytest.raises(pydantic.ValidationError, match="source is empty"):
-        DataConfig(source=[])
-
-    shards = resolve_shards(DataConfig(source=uris))
-    with pytest.raises(DataError, match="74 samples .* make no full step of 40 x 2 ranks"):
-        loader(shards, world=2, batch=40)
-    with pytest.raises(DataError, match=re.escape(f"sample count of {uris[0]} is unknown")):
-        loader([ShardInfo(u, None) for u in uris])
 
 
 # --------------------------------------------------------------------------- equal steps

@@ -19,10 +19,12 @@ from training.models.dvae import (
     cosine_schedule,
     dvae_loss,
     kl_weight_at,
+    load_dvae,
+    save_dvae,
     temperature_at,
 )
 from training.monitor import read_metrics
-from training.specs.dvae import DVAESpec, load_dvae, save_dvae
+from training.specs.dvae import DVAESpec
 
 SHARDS, PER_SHARD = 2, 128
 
@@ -233,7 +235,8 @@ def test_shards_get_code_sidecars_matching_the_dvae(local_store, tmp_path):
     import webdataset as wds
     from PIL import Image
 
-    from training.encode_codes import encode_shards, read_codes
+    from training.codes import read_codes
+    from training.encode_codes import encode_shards
     from training.specs.dvae import image_transform
 
     data = write_shards(local_store, "data")

@@ -7,12 +7,14 @@ import pytest
 import torch
 
 from tests.training.test_dvae import PER_SHARD, SHARDS, tiny_config, write_shards
-from training.data import DataConfig, DataError, make_train_loader, resolve_shards
-from training.encode_codes import EncodeConfig, encode_dataset, read_codes, sidecar_dtype
+from training.codes import ReadCodes, read_codes, sidecar_dtype
+from training.config import DataConfig, EncodeConfig
+from training.data import make_train_loader
+from training.encode_codes import encode_dataset
 from training.engine import launch, validate
-from training.models.dvae import DVAE, DVAEConfig
+from training.models.dvae import DVAE, DVAEConfig, save_dvae
 from training.monitor import read_metrics
-from training.specs.dvae import save_dvae
+from training.shards import DataError, resolve_shards
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,7 @@ def loader(data: DataConfig, batch_size: int = 32):
     shards = resolve_shards(data)
     return make_train_loader(
         data, shards, rank=0, world_size=1, batch_size=batch_size,
-        image_transform=None, tokenize=lambda texts: torch.zeros(len(texts), 1),
+        decode=ReadCodes(data.codes), tokenize=lambda texts: torch.zeros(len(texts), 1),
     )  # fmt: skip
 
 

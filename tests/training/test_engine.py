@@ -15,12 +15,12 @@ import webdataset as wds
 
 from pipelines.config import load_config
 from training.config import TrainConfig
-from training.data import DataError
 from training.engine import launch, validate
 from training.evaluate import crawl_border_resize, encode_images, preprocess_images
 from training.export import export_run, latest_checkpoint_prefix
 from training.monitor import read_metrics
 from training.parallel import WarmupCosine
+from training.shards import DataError
 
 SHARDS, PER_SHARD = 4, 96
 

@@ -10,9 +10,8 @@ from PIL import Image
 from training.generate import GenerateConfig, run_generation
 from training.models.clip import create_clip
 from training.models.dalle import Dalle, DalleConfig
-from training.models.dvae import DVAE, DVAEConfig
+from training.models.dvae import DVAE, DVAEConfig, save_dvae
 from training.specs.dalle import save_dalle
-from training.specs.dvae import save_dvae
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ import pytest
 
 from pipelines.config import load_config
 from training.config import TrainConfig
-from training.plan import GB, dalle_activation_bytes, format_plan, plan_memory
+from training.plan import GB, format_plan, plan_memory
+from training.specs.dalle import dalle_activation_bytes
 
 
 def config(path: str, *overrides: str) -> TrainConfig:

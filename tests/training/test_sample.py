@@ -6,7 +6,7 @@ from PIL import Image
 
 from training.models.clip import create_clip
 from training.models.dalle import Dalle, DalleConfig
-from training.models.dvae import DVAE, DVAEConfig
+from training.models.dvae import DVAE, DVAEConfig, save_dvae
 from training.sample import (
     Sampling,
     clip_scores,
@@ -17,7 +17,6 @@ from training.sample import (
     write_grid,
 )
 from training.specs.dalle import save_dalle
-from training.specs.dvae import save_dvae
 
 
 @pytest.fixture(scope="module")

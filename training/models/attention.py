@@ -1,47 +1,26 @@
 """DALL-E's attention masks, computed sparsely, with a dense masked reference.
 
-The sequence is ``[text (T) | image (N = H x W, raster order)]``. Every layer uses the same
-text part: text is causal and never sees the image; every image token sees all text. The
-image-to-image part depends on the layer (paper, appendix B.1 and figure 11):
+The sequence is ``[text (T) | image (N = H x W, raster order)]``. Text is causal and never sees
+the image; every image token sees all text. Image-to-image, by layer (paper, appendix B.1):
 
-- **row**: a token attends to itself and the ``W`` image tokens before it in raster order.
-  The paper's figure (6 text tokens, a 4 x 4 grid) has each token attend to "the previous 5
-  image tokens ... so that the last token being attended to is the one in the same column of
-  the previous row": ``0 <= q - k <= W``, wrapping around row ends.
-- **column**: a token attends to the tokens above it in its own column, itself included
-  (figure 11 b; 11 c is the same mask with the image transposed, which is how it is computed).
-- **conv**: a causal k x k convolutional window (11 x 11 in the paper's last layer), with the
-  same wraparound as the row mask: the window is a fixed set of raster offsets ``q - k`` in
-  ``{0..k//2} U {r*W + c : 1 <= r <= k//2, -k//2 <= c <= k//2}``, so near the left and right
-  edges it reaches into the neighbouring rows instead of being clipped.
+- **row**: itself and the ``W`` image tokens before it, ``0 <= q - k <= W``, wrapping around
+  row ends;
+- **column**: the tokens above it in its own column, itself included (computed on the
+  transposed image, as the paper's figure 11 c);
+- **conv**: a causal k x k window (11 x 11 in the paper's last layer) as raster offsets
+  ``q - k`` in ``{0..k//2} U {r*W + c : 1 <= r <= k//2, -k//2 <= c <= k//2}``, wrapping like row.
 
-Layer schedule. Layers are numbered ``i = 1..L`` as in the paper: column attention where
-``(i - 2) mod 4 == 0`` (layers 2, 6, 10, ...), row attention in the other layers below ``L``,
-and convolutional attention in the last layer ``L`` (layer 64 of the 12B; ``(64-2) mod 4 = 2``,
-so the last layer would have been a row layer). In code the layer at list index ``j`` is
-``i = j + 1``.
+Layers ``i = 1..L`` (list index ``i - 1``): column where ``(i - 2) mod 4 == 0``, conv in the
+last layer, row in the others (``layer_kinds``).
 
-Sparse computation. Text queries use causal attention over the text alone, in row blocks of 64
-that each attend the keys up to their last row (``TEXT_BLOCK``). Image queries go in blocks: 16 consecutive raster positions for row attention, one whole column for column
-attention (the image transposed, as the paper does), a 4 x 8 tile for conv attention. A block
-attends all T text keys plus a window of image keys gathered for it: the union of the keys its
-queries may attend (``block_plan``: built from the dense mask, so it cannot miss one). Scores
-are ``[block, T + window]`` instead of ``[block, T + N]``: at 256 + 32 x 32, a row block's
-window is 48 image keys, a column's 32, an 11 x 11 conv tile's 157, against 1024 for dense
-attention. One softmax runs over text and window scores together, so the result is the dense
-layer's. Forward and backward are written out (``_BlockSparseAttention``), not left to autograd.
+Sparse computation. Text queries attend the text causally, in row blocks (``TEXT_BLOCK``). Image
+queries go in blocks (16 raster positions for row, a whole column for column, a 4 x 8 tile for
+conv); a block attends all T text keys plus a window of image keys: the union of the keys its
+queries may attend (``block_plan``, built from the dense mask, so it cannot miss one). One
+softmax runs over text and window scores together, so the result is the dense layer's. Forward
+and backward are written out (``_BlockSparseAttention``), not left to autograd.
 
-What made it fast on CPU (1 thread, paper layout; the matmuls are now ~80% of the time): image
-queries go through the kernel one head at a time (``CPU_CHUNK_BYTES``: operands stay in cache,
-15-20% faster than all heads at once); score rows are padded to 64 bytes (``ALIGN``, with
-masked padding keys); the window mask is an additive -inf bias, not ``masked_fill_``; keys are
-gathered from, and their gradients scattered onto, the raster-ordered keys (only queries are
-permuted into blocks). What bounds it: every image query attends all 256 text keys, and a conv
-tile's window holds 157 keys for the 61 each query attends (smaller tiles: smaller windows but
-slower small matmuls), so conv does (256 + 160) / 1280 of the dense image work, its window
-matmuls at ~2/3 of the large matmuls' rate. Tried for conv without a gain beyond noise (A/B in one
-process): chunks of part of a head's blocks (128 KB-1 MB of scores: up to 30% slower), keeping
-the gathered windows from the forward for the backward, gathering keys and values together.
+docs/attention.md has the design in full and the CPU measurements behind the constants.
 """
 
 from __future__ import annotations
@@ -161,8 +140,7 @@ class BlockPlan:
 # Query blocks. Row attention takes 16 consecutive raster positions (its window, 16 + W keys,
 # is contiguous); column attention a whole column (the paper's transposed image); conv attention
 # a 4 x 8 tile of the image, whose 11 x 11 windows span 157 keys (32 raster positions: 197).
-# Measured fastest at the paper's layout on CPU (conv, forward + backward: 8 x 8 tiles 5% slower,
-# 2 x 8 and 4 x 16 6%, 2 x 16 9%, 4 x 4 12%; row: blocks of 32 or 64 within noise).
+# The fastest sizes at the paper's layout on CPU (docs/attention.md).
 QUERY_BLOCK = 16
 CONV_TILE = (4, 8)
 
@@ -204,14 +182,14 @@ def block_plan(kind: Kind, layout: Layout, kernel: int = 11) -> BlockPlan:
 
 
 # Text queries go in row blocks of this many, each attending keys up to its last row: 5/8 of the
-# causal 256 x 256 scores at 256 text tokens, and 2x faster than the full square.
+# causal 256 x 256 scores at 256 text tokens instead of the full square.
 TEXT_BLOCK = 64
 # Score rows (text_len + window) are padded to a multiple of this many elements (64 bytes in
-# float32): matmuls writing and reading rows of odd length ran up to 20% slower on CPU.
+# float32): CPU matmuls are slower on rows of odd length.
 ALIGN = 16
 # On CPU, image queries go through the kernel in chunks of heads whose score buffer is about
-# this size: the matmuls ran 15-20% faster on one head's 1.7 MB of scores (paper layout) than on
-# four heads' at once, their operands staying in cache. Other devices take all heads at once.
+# this size (one head at the paper's layout), so the matmuls' operands stay in cache. Other
+# devices take all heads at once.
 CPU_CHUNK_BYTES = 2 << 20
 
 
@@ -241,14 +219,14 @@ def _plan_on(plan: BlockPlan, t: int, device: torch.device) -> BlockPlan:
 @functools.lru_cache(maxsize=256)
 def _mask_bias(plan: BlockPlan, dtype: torch.dtype) -> torch.Tensor:
     """[blocks, size, window]: 0 where the window key is attended, -inf where not. Adding it
-    is ~20x faster than ``masked_fill_`` with a broadcast mask on CPU."""
+    is much faster than ``masked_fill_`` with a broadcast mask on CPU."""
     bias = torch.zeros(plan.mask.shape, dtype=dtype, device=plan.mask.device)
     return bias.masked_fill_(~plan.mask, float("-inf"))
 
 
 def _flat_index(plan: BlockPlan, heads: int, t: int) -> torch.Tensor:
     """Rows of each head's window keys in ``heads`` heads' [heads * S, d] keys (S = t + N): the
-    gather and the gradient scatter index the flat 2-d tensor (index_add_ along its dim 0 was 2-4x
+    gather and the gradient scatter index the flat 2-d tensor (index_add_ along its dim 0 is
     faster on CPU than along dim 1 of [heads, S, d]). Built per call, not cached: with all heads
     at once (GPU) it has bh * blocks * window entries."""
     seq = t + plan.blocks * plan.size

@@ -16,7 +16,7 @@ is row, column or convolutional in the image part (training/models/attention.py 
 and the paper's layer schedule). Loss: ``(1/8) text CE + (7/8) image CE``, each the mean over
 its own tokens.
 
-Sizes are ``DalleConfig`` flavors in ``configs/models/dalle-*.json``; ``dalle-12b`` is the
+Sizes are ``DalleConfig`` flavors in ``model_configs/dalle-*.json``; ``dalle-12b`` is the
 paper's 64 layers x 3968 wide (62 heads of 64), ~12.3 B parameters with untied heads. Build it
 on the meta device (``torch.device("meta")``) to count or plan without allocating.
 """
@@ -44,7 +44,7 @@ from training.models.attention import (
     sparse_attention,
 )
 
-MODEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"  # shipped in the package
 TEXT_LOSS_WEIGHT = 1 / 8  # the paper's weighting; image tokens get 7/8
 
 
@@ -95,7 +95,7 @@ class DalleConfig:
 
     @classmethod
     def named(cls, name: str, **overrides: Any) -> DalleConfig:
-        """The flavor ``configs/models/<name>.json``, with field overrides."""
+        """The flavor ``model_configs/<name>.json`` (beside this module), with field overrides."""
         path = MODEL_CONFIG_DIR / f"{name}.json"
         if not path.is_file():
             raise ValueError(f"unknown DALL-E model {name!r}: no {path}")
@@ -103,13 +103,12 @@ class DalleConfig:
 
 
 class ByteMaskDropout(nn.Module):
-    """``nn.Dropout`` with a cheaper mask on CPU. Torch's CPU dropout draws one bernoulli per
-    element: 6 ms for dalle-tiny's [64, 88, 128] activations, ~15% of a training step for its 9
-    dropouts. Here each random int64 gives 8 mask bytes (1.7 ms in all): an element is kept when
-    its byte is below ``round(256 * (1 - p))``, so p is rounded to a multiple of 1/256, and kept
-    values are scaled by the inverse of that keep rate (the expectation is unchanged). Other
-    devices: torch's dropout. Uses the default generator, so ``torch.manual_seed`` and activation
-    checkpointing's RNG replay give the same masks."""
+    """``nn.Dropout`` with a cheaper mask on CPU, where torch's one bernoulli per element costs a
+    tiny model a large share of its step (docs/training.md). Here each random int64 gives 8 mask
+    bytes: an element is kept when its byte is below ``round(256 * (1 - p))``, so p is rounded to
+    a multiple of 1/256, and kept values are scaled by the inverse of that keep rate (the
+    expectation is unchanged). Other devices: torch's dropout. Uses the default generator, so
+    ``torch.manual_seed`` and activation checkpointing's RNG replay give the same masks."""
 
     def __init__(self, p: float):
         super().__init__()

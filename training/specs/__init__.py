@@ -1,46 +1,85 @@
 """Model specs: everything the engine needs to know about one kind of model.
 
-The engine (training/engine.py) is the same for every model. A spec builds the model, its data
-loader and its loss, and says what to evaluate and export. Adding a model means a model file,
-a spec here and a config; the engine does not change.
+The engine (training/engine.py) is the same for every model. A spec builds the model, supplies
+its data hooks (transform, tokenize, decode) and its loss, and says what to evaluate and export.
+Specs are registered by name in training/registry.py.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable
+import functools
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from training.config import TrainConfig
+from dataprep.store import S3Settings
+from training.config import DataConfig, TrainConfig
+from training.data import (
+    Decode,
+    DecodeImage,
+    ImageTransform,
+    Tokenize,
+    TrainLoader,
+    make_train_loader,
+)
+from training.shards import DataError, ShardInfo, check_data, resolve_shards
 
 
 class ModelSpec(abc.ABC):
-    name: str
+    name: str  # the registered name, set by training.registry.get_spec
 
     @abc.abstractmethod
     def build(self, cfg: TrainConfig) -> nn.Module:
         """The model, freshly initialised (the same on every rank for the same seed)."""
 
     @abc.abstractmethod
-    def train_loader(self, cfg: TrainConfig, rank: int, world_size: int) -> Any:
-        """Batches of one epoch with `.steps_per_epoch` (equal on every rank) and
-        `.set_epoch(epoch, skip_batches)` (see training.data.TrainLoader)."""
+    def transform(self, cfg: TrainConfig) -> ImageTransform:
+        """PIL image -> the tensor the model trains on (the default ``decode`` uses it)."""
+
+    @abc.abstractmethod
+    def tokenize(self, cfg: TrainConfig) -> Tokenize:
+        """A batch's captions -> its ``text`` tensor."""
 
     @abc.abstractmethod
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Named loss terms; `total` is what gets back-propagated."""
 
+    def decode(self, cfg: TrainConfig) -> Decode:
+        """A raw sample -> its named tensors: by default ``{"image": transform(image)}``."""
+        return DecodeImage(self.transform(cfg))
+
+    def train_loader(self, cfg: TrainConfig, rank: int, world_size: int) -> TrainLoader:
+        """Batches of one epoch with `.steps_per_epoch` (equal on every rank) and
+        `.set_epoch(epoch, skip_batches)`, built from the hooks above."""
+        return make_train_loader(
+            cfg.data,
+            _shards(cfg.data.model_dump_json(), cfg.store.s3.model_dump_json()),
+            rank=rank,
+            world_size=world_size,
+            batch_size=cfg.engine.micro_batch_size,
+            decode=self.decode(cfg),
+            tokenize=self.tokenize(cfg),
+            s3=cfg.store.s3,
+            pin_memory=cfg.scale.use_gpu,
+        )
+
     def check_inputs(self, cfg: TrainConfig) -> None:
         """Raise (DataError, FileNotFoundError) if what the run reads is missing; called on the
         driver before any worker starts, so a typo costs seconds, not a cluster start-up."""
-        from training.data import check_data
-
+        if cfg.data.codes is not None:  # specs that read code sidecars override this check
+            raise DataError(f"data.codes: {self.name} does not train on dVAE code sidecars")
         check_data(cfg.data, cfg.store.s3)
+
+    def architecture(self, cfg: TrainConfig) -> nn.Module:
+        """The model without what `build` loads from elsewhere: the memory planner builds it on
+        the meta device."""
+        return self.build(cfg)
+
+    def activation_bytes(self, cfg: TrainConfig, checkpointing: bool) -> int | None:
+        """Activation bytes of one micro-batch on one GPU; None: not estimated."""
+        return None
 
     def after_step(self, model: nn.Module) -> dict[str, float]:
         """Called after each optimizer step (e.g. clamp a temperature); returns metrics."""
@@ -75,20 +114,9 @@ def param_groups(model: nn.Module, spec: ModelSpec, weight_decay: float) -> list
     ]
 
 
-def get_spec(name: str) -> ModelSpec:
-    if name == "clip":
-        from training.specs.clip import ClipSpec
-
-        return ClipSpec()
-    if name == "dvae":
-        from training.specs.dvae import DVAESpec
-
-        return DVAESpec()
-    if name == "dalle":
-        from training.specs.dalle import DalleSpec
-
-        return DalleSpec()
-    raise ValueError(f"unknown model spec {name!r}; known: {', '.join(SPECS)}")
-
-
-SPECS: Iterable[str] = ("clip", "dvae", "dalle")
+@functools.cache
+def _shards(data_json: str, s3_json: str) -> list[ShardInfo]:
+    """Shard list and counts, resolved once per worker process (it may list a bucket)."""
+    return resolve_shards(
+        DataConfig.model_validate_json(data_json), S3Settings.model_validate_json(s3_json)
+    )

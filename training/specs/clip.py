@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from training.config import TrainConfig
-from training.data import make_train_loader, resolve_shards
+from training.data import ImageTransform, Tokenize
 from training.losses import ClipLoss
 from training.models.clip import ClipBundle, create_clip, no_weight_decay
 from training.specs import ModelSpec
@@ -19,8 +19,6 @@ EXPORT_NAME = "open_clip_pytorch_model.bin"  # what open_clip.create_model(pretr
 
 
 class ClipSpec(ModelSpec):
-    name = "clip"
-
     def __init__(self) -> None:
         self.contrastive = ClipLoss(local_loss=False, gather_with_grad=True)
 
@@ -36,24 +34,15 @@ class ClipSpec(ModelSpec):
         model.logit_scale = nn.Parameter(model.logit_scale.detach().reshape(1))
         return model
 
-    def train_loader(self, cfg: TrainConfig, rank: int, world_size: int):
-        bundle = self.bundle(cfg.model)
-        shards = _shards(cfg.data.model_dump_json(), cfg.store.s3.model_dump_json())
-        return make_train_loader(
-            cfg.data,
-            shards,
-            rank=rank,
-            world_size=world_size,
-            batch_size=cfg.engine.micro_batch_size,
-            image_transform=bundle.train_transform,
-            tokenize=bundle.tokenizer,
-            s3=cfg.store.s3,
-            pin_memory=cfg.scale.use_gpu,
-        )
+    def transform(self, cfg: TrainConfig) -> ImageTransform:
+        return self.bundle(cfg.model).train_transform
+
+    def tokenize(self, cfg: TrainConfig) -> Tokenize:
+        return self.bundle(cfg.model).tokenizer
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # channels-last images: the ResNet towers' convolutions run channels-last (oneDNN on CPU,
-        # tensor cores on GPU); clip-tiny, bf16, one CPU thread: a step 27% faster
+        # tensor cores on GPU; docs/training.md, "Speed on CPU")
         images = batch["image"].contiguous(memory_format=torch.channels_last)
         image_features, text_features, scale = model(images, batch["text"])
         # The temperature is clamped here rather than by editing the parameter after the step:
@@ -94,17 +83,6 @@ class ClipSpec(ModelSpec):
         path = out / EXPORT_NAME
         torch.save(model.state_dict(), path)
         return path
-
-
-@functools.cache
-def _shards(data_json: str, s3_json: str):
-    """Shard list and counts, resolved once per worker process (it may list a bucket)."""
-    from dataprep.store import S3Settings
-    from training.data import DataConfig
-
-    return resolve_shards(
-        DataConfig.model_validate_json(data_json), S3Settings.model_validate_json(s3_json)
-    )
 
 
 @functools.cache

@@ -1,12 +1,9 @@
 """DALL-E transformer (stage 2) on captioned images coded by a frozen dVAE.
 
-Codes come from sidecars written ahead (``data.codes``: training/encode_codes.py, as the
-reproductions do: the dVAE runs once per image, not once per epoch) or, without them, from the
-dVAE on the fly: each worker loads the dVAE named by ``dvae_checkpoint`` once (an exported
-``dvae.pt``: path, file:// or s3:// URI) and encodes each batch's images to argmax codes before
-the forward pass. The dVAE is not trained; it also codes the held-out images of evaluations.
-Captions become BPE tokens with per-position pads (training/models/bpe.py), sized by the
-transformer's config.
+Codes come from sidecars written ahead (``data.codes``, training/codes.py: the dVAE runs once
+per image, not once per epoch) or from the dVAE named by ``dvae_checkpoint`` on the fly, per
+batch. The dVAE is not trained; it also codes the held-out images of evaluations. Captions
+become BPE tokens with per-position pads (training/models/bpe.py).
 """
 
 from __future__ import annotations
@@ -18,22 +15,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dataprep.store import S3Settings, local_copy, require_file
+from training.codes import ReadCodes, check_codes
 from training.config import TrainConfig
-from training.data import make_train_loader
+from training.data import Decode, ImageTransform, Tokenize
+from training.models.attention import block_plan
 from training.models.bpe import DalleTokenizer
 from training.models.dalle import Dalle, DalleConfig, dalle_loss
-from training.models.dvae import DVAE
+from training.models.dvae import DVAE, load_dvae
+from training.shards import check_data
 from training.specs import ModelSpec
-from training.specs.dvae import (
-    heldout_images,
-    image_transform,
-    load_dvae,
-    local_copy,
-    require_file,
-    shards,
-)
+from training.specs.dvae import heldout_images, image_transform
 
 EXPORT_NAME = "dalle.pt"
+BYTES_16BIT = 2
 
 
 def model_config(cfg: TrainConfig) -> DalleConfig:
@@ -43,8 +38,6 @@ def model_config(cfg: TrainConfig) -> DalleConfig:
 @functools.cache
 def frozen_dvae(uri: str, s3_json: str) -> DVAE:
     """The dVAE that codes images, loaded once per process."""
-    from dataprep.store import S3Settings
-
     return load_dvae(local_copy(uri, S3Settings.model_validate_json(s3_json)))
 
 
@@ -84,9 +77,22 @@ def load_dalle(path: str | Path) -> tuple[Dalle, str | None]:
     return model.eval(), checkpoint.get("dvae_checkpoint")
 
 
-class DalleSpec(ModelSpec):
-    name = "dalle"
+def dalle_activation_bytes(cfg: TrainConfig, checkpointing: bool) -> int:
+    """Activation bytes of one micro-batch of the transformer on one GPU (docs/training.md)."""
+    m = model_config(cfg)
+    b, s, h, a = cfg.engine.micro_batch_size, m.seq_len, m.d_model, m.n_head
+    layer = s * b * h * 34  # every layer's non-attention-score activations
+    for kind in ("row", "column", "conv"):  # the largest sparse layer bounds the others
+        plan = block_plan(kind, m.layout, m.conv_kernel)
+        keys = m.text_len + plan.window  # keys per image query, text queries fewer
+        layer = max(layer, s * b * h * 34 + 5 * a * b * s * keys)
+    logits = b * ((m.text_len - 1) * m.text_vocab_padded + m.image_len * m.image_vocab) * 10
+    if checkpointing:
+        return m.n_layer * BYTES_16BIT * s * b * h + layer + logits
+    return m.n_layer * layer + logits
 
+
+class DalleSpec(ModelSpec):
     def dvae(self, cfg: TrainConfig) -> DVAE:
         if cfg.dvae_checkpoint is None:
             raise ValueError("spec 'dalle' needs dvae_checkpoint")
@@ -95,7 +101,9 @@ class DalleSpec(ModelSpec):
         return dvae
 
     def check_inputs(self, cfg: TrainConfig) -> None:
-        super().check_inputs(cfg)
+        shards = check_data(cfg.data, cfg.store.s3)
+        if cfg.data.codes is not None:
+            check_codes(cfg.data.codes, shards, cfg.store.s3)
         require_file(
             cfg.dvae_checkpoint,
             cfg.store.s3,
@@ -106,19 +114,24 @@ class DalleSpec(ModelSpec):
         self._dvae = self.dvae(cfg)  # fails early on a missing or mismatched dVAE
         return Dalle(model_config(cfg))
 
-    def train_loader(self, cfg: TrainConfig, rank: int, world_size: int):
+    def architecture(self, cfg: TrainConfig) -> nn.Module:
+        return Dalle(model_config(cfg))  # without the frozen dVAE
+
+    def activation_bytes(self, cfg: TrainConfig, checkpointing: bool) -> int:
+        return dalle_activation_bytes(cfg, checkpointing)
+
+    def transform(self, cfg: TrainConfig) -> ImageTransform:
+        return image_transform(self.dvae(cfg).config.image_size)
+
+    def tokenize(self, cfg: TrainConfig) -> Tokenize:
         config = model_config(cfg)
-        return make_train_loader(
-            cfg.data,
-            shards(cfg.data.model_dump_json(), cfg.store.s3.model_dump_json()),
-            rank=rank,
-            world_size=world_size,
-            batch_size=cfg.engine.micro_batch_size,
-            image_transform=image_transform(self.dvae(cfg).config.image_size),
-            tokenize=tokenizer(config.text_vocab, config.text_len),
-            s3=cfg.store.s3,
-            pin_memory=cfg.scale.use_gpu,
-        )
+        return tokenizer(config.text_vocab, config.text_len)
+
+    def decode(self, cfg: TrainConfig) -> Decode:
+        """Codes from the sidecars in ``data.codes``; without them, images for the dVAE."""
+        if cfg.data.codes is not None:
+            return ReadCodes(cfg.data.codes, cfg.store.s3)
+        return super().decode(cfg)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if "codes" in batch:  # sidecars: check they come from a dVAE of the same grid

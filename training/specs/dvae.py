@@ -7,9 +7,7 @@ a checkpoint, so a resumed run continues both schedules where they were.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,8 +15,15 @@ from torch import nn
 from torchvision import transforms
 
 from training.config import TrainConfig
-from training.data import make_train_loader, resolve_shards
-from training.models.dvae import DVAE, DVAEConfig, dvae_loss, kl_weight_at, temperature_at
+from training.data import ImageTransform, Tokenize
+from training.models.dvae import (
+    DVAE,
+    DVAEConfig,
+    dvae_loss,
+    kl_weight_at,
+    save_dvae,
+    temperature_at,
+)
 from training.specs import ModelSpec
 
 EXPORT_NAME = "dvae.pt"
@@ -44,65 +49,15 @@ def no_text(texts: list[str]) -> torch.Tensor:
     return torch.zeros(len(texts), 0, dtype=torch.long)
 
 
-def save_dvae(model: DVAE, path: Path) -> Path:
-    """A checkpoint that rebuilds itself: architecture (``model_args``) and weights."""
-    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    torch.save({"model_args": dataclasses.asdict(model.config), "state_dict": state}, path)
-    return path
-
-
-def load_dvae(path: str | Path) -> DVAE:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    model = DVAE(DVAEConfig.from_dict(checkpoint["model_args"]))
-    model.load_state_dict(checkpoint["state_dict"])
-    return model.eval().requires_grad_(False)
-
-
-def require_file(uri: str, s3=None, what: str = "file") -> None:
-    """FileNotFoundError naming ``what`` if ``uri`` (a path, file:// or s3:// URI) is missing."""
-    if "://" not in uri or uri.startswith("file://"):
-        found = local_copy(uri).is_file()
-    else:
-        from dataprep.store import open_store
-
-        parent, _, name = uri.rpartition("/")
-        found = open_store(parent, s3).exists(name)
-    if not found:
-        raise FileNotFoundError(f"{what} not found: {uri}")
-
-
-def local_copy(uri: str, s3=None) -> Path:
-    """A local path for a file given as a path, a file:// URI or an s3:// URI."""
-    if "://" not in uri:
-        return Path(uri)
-    if uri.startswith("file://"):
-        return Path(uri.removeprefix("file://"))
-    from dataprep.store import open_store
-
-    parent, _, name = uri.rpartition("/")
-    path = Path(tempfile.mkdtemp(prefix="mmpipe-")) / name
-    open_store(parent, s3).get_file(name, path)
-    return path
-
-
 class DVAESpec(ModelSpec):
-    name = "dvae"
-
     def build(self, cfg: TrainConfig) -> nn.Module:
         return DVAE(model_config(cfg))
 
-    def train_loader(self, cfg: TrainConfig, rank: int, world_size: int):
-        return make_train_loader(
-            cfg.data,
-            shards(cfg.data.model_dump_json(), cfg.store.s3.model_dump_json()),
-            rank=rank,
-            world_size=world_size,
-            batch_size=cfg.engine.micro_batch_size,
-            image_transform=image_transform(model_config(cfg).image_size),
-            tokenize=no_text,
-            s3=cfg.store.s3,
-            pin_memory=cfg.scale.use_gpu,
-        )
+    def transform(self, cfg: TrainConfig) -> ImageTransform:
+        return image_transform(model_config(cfg).image_size)
+
+    def tokenize(self, cfg: TrainConfig) -> Tokenize:
+        return no_text
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.loss_at(model, batch, int(getattr(model, "global_steps", 0)))
@@ -144,17 +99,6 @@ class DVAESpec(ModelSpec):
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)  # the DeepSpeed engine wraps the model
-
-
-@functools.cache
-def shards(data_json: str, s3_json: str):
-    """Shard list and counts, resolved once per worker process (it may list a bucket)."""
-    from dataprep.store import S3Settings
-    from training.data import DataConfig
-
-    return resolve_shards(
-        DataConfig.model_validate_json(data_json), S3Settings.model_validate_json(s3_json)
-    )
 
 
 @functools.cache
