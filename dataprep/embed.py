@@ -28,9 +28,9 @@ from typing import TypeVar
 import numpy as np
 import pyarrow as pa
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dataprep.filters import STAGE as FILTER
+from dataprep.stage_config import EmbedConfig, ScoreConfig
 from dataprep.stages import KEPT, StageError, StageStats, Staging, fingerprint
 from dataprep.store import ObjectNotFound
 
@@ -42,40 +42,6 @@ SCORE = "score"
 EMBED_SCHEMA = pa.schema(
     [("key", pa.string()), ("reason", pa.string()), ("clip_score", pa.float32())]
 )
-
-
-class EmbedConfig(BaseModel):
-    """Which CLIP embeds, and how the work is spread over Ray."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    # An open_clip architecture (mmpipe's configs/models or a built-in such as ViT-B-32);
-    # clip-scorer-tiny is the scorer training.scorer trains for the sample web.
-    model: str = "clip-scorer-tiny"
-    weights: str | None = None  # local open_clip state dict; required to build a dataset
-    weights_sha256: str | None = None  # filled in by the build: the scorer's identity
-    batch_size: int = Field(256, ge=1)
-    workers: int = Field(1, ge=1)  # Ray actors, each with its own copy of the model
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(0.0, ge=0)
-    threads_per_worker: int = Field(1, ge=1)  # torch intra-op threads in an actor
-    ray_address: str | None = None  # None: the current Ray, or a new local one
-
-
-class ScoreConfig(BaseModel):
-    """Keep a pair by its CLIP score: an absolute threshold or the build's top fraction. With
-    neither, the threshold calibrated for the scorer (its card, ``<weights>.json``) is used."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    threshold: float | None = Field(None, ge=-1.0, le=1.0)  # keep score >= threshold
-    top_fraction: float | None = Field(None, gt=0.0, le=1.0)  # keep the best fraction
-
-    @model_validator(mode="after")
-    def _at_most_one(self) -> ScoreConfig:
-        if self.threshold is not None and self.top_fraction is not None:
-            raise ValueError("set score.threshold or score.top_fraction, not both")
-        return self
 
 
 def calibrated_threshold(weights: str) -> float | None:
@@ -96,7 +62,7 @@ class Embedder:
     def __init__(self, cfg: EmbedConfig) -> None:
         import torch
 
-        from training.models.clip import create_clip
+        from dataprep.clip_models import create_clip
 
         if cfg.weights is None:
             raise ValueError("embed.weights is not set: give a local open_clip state dict")

@@ -255,8 +255,8 @@ def test_calibrated_threshold_separates_the_two_score_sets():
 def embedder(tmp_path_factory):
     import torch
 
+    from dataprep.clip_models import create_clip
     from dataprep.embed import EmbedConfig, Embedder
-    from training.models.clip import create_clip
 
     weights = tmp_path_factory.mktemp("scorer") / "random.pt"
     torch.manual_seed(0)
