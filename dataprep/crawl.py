@@ -1,6 +1,7 @@
 """Crawl stage: a URL list -> WebDataset shards in the store, with a reason for every URL.
 
-Built on img2dataset's own Downloader, Resizer and WebDataset writer; mmpipe adds
+Built on img2dataset's own Downloader, Resizer and WebDataset writer (`crawl_download`); mmpipe
+adds
 - a URL policy and a total per-request deadline (`safe_http`, installed in each download process),
 - checks that refuse decompression bombs and truncated images before decoding,
 - resume at shard granularity: shard i is always input rows [i*N, (i+1)*N), and a shard counts
@@ -13,85 +14,25 @@ Staging layout under `prefix`: `_plan.json`, then per shard `NNNNN.tar` (WebData
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import multiprocessing
-import os
 import tempfile
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import BaseModel
 
-# albumentations (imported by img2dataset) checks PyPI for updates at import: not in a crawler.
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
-from img2dataset.downloader import Downloader, compute_key
-from img2dataset.resizer import Resizer
-from img2dataset.writer import WebDatasetSampleWriter
-from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
-
-from dataprep import safe_http
 from dataprep.crawl_status import KEPT, MISSING, CrawlSummary, ShardStats, reason_for
+from dataprep.stage_config import CrawlConfig
 from dataprep.store import ObjectNotFound, ObjectStore
 from dataprep.url_list import fingerprint, read_url_list
-from dataprep.url_policy import UrlPolicy
 
 OOM_SHARD_COUNT = 5  # shard names are 5 digits, as img2dataset writes them
 PLAN_KEY = "_plan.json"
-
-
-class CrawlConfig(BaseModel):
-    """img2dataset's settings plus mmpipe's guards. Defaults follow img2dataset's."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    url_col: str = "url"
-    caption_col: str | None = "caption"
-    image_size: int = Field(256, ge=8)
-    resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = (
-        "border"
-    )
-    encode_format: Literal["jpg", "png", "webp"] = "jpg"
-    encode_quality: int = Field(95, ge=0, le=100)
-    samples_per_shard: int = Field(10_000, ge=1)
-    shards_per_task: int = Field(4, ge=1)  # shards crawled by one task (one process pool)
-    processes: int = Field(2, ge=1)
-    threads: int = Field(64, ge=1)
-    timeout_s: float = Field(10.0, gt=0)  # per socket operation
-    deadline_s: float = Field(30.0, gt=0)  # per request, redirects and body included
-    max_body_mb: float = Field(32.0, gt=0)
-    retries: int = Field(0, ge=0)  # per URL
-    max_shard_retry: int = Field(1, ge=0)  # a shard whose process failed is run again
-    min_image_size: int = Field(0, ge=0)
-    max_image_area: float = Field(89_478_485, gt=0)  # PIL's decompression-bomb limit
-    max_aspect_ratio: float = Field(float("inf"), gt=0)
-    user_agent_token: str | None = "mmpipe"
-    disallowed_header_directives: list[str] = ["noai", "noimageai", "noindex", "noimageindex"]
-    compute_hash: Literal["md5", "sha256", "sha512"] | None = "sha256"
-    policy: UrlPolicy = UrlPolicy()
-
-    def output_settings(self) -> dict:
-        """The settings that change what a shard contains: a resumed crawl must not mix them."""
-        return self.model_dump(
-            include={
-                "image_size",
-                "resize_mode",
-                "encode_format",
-                "encode_quality",
-                "samples_per_shard",
-                "min_image_size",
-                "max_image_area",
-                "max_aspect_ratio",
-                "compute_hash",
-            }
-        )
 
 
 class CrawlError(RuntimeError):
@@ -188,7 +129,9 @@ def crawl_shards(
 
 def _run_img2dataset(plan, table, shards, work: Path, cfg: CrawlConfig):
     """Yield each shard's stats as soon as img2dataset has finished it."""
-    downloader = _make_downloader(plan, work, cfg)
+    from dataprep.crawl_download import make_downloader
+
+    downloader = make_downloader(cfg, work, plan.samples_per_shard, OOM_SHARD_COUNT)
     pending = list(shards)
     for _attempt in range(cfg.max_shard_retry + 1):
         rows = [_write_shard_input(plan, table, s, work) for s in pending]
@@ -219,6 +162,8 @@ def _write_shard_input(plan: CrawlPlan, table: pa.Table, shard: int, work: Path)
 
 
 def _sample_keys(plan: CrawlPlan, shard: int) -> list[str]:
+    from img2dataset.downloader import compute_key
+
     start, end = plan.shard_rows(shard)
     oom_sample = math.ceil(math.log10(plan.samples_per_shard))
     return [compute_key(i, shard, oom_sample, OOM_SHARD_COUNT) for i in range(end - start)]
@@ -276,100 +221,3 @@ def _commit_shard(stats: ShardStats, work: Path, store: ObjectStore, prefix: str
 
 def summarize(stats: list[ShardStats]) -> CrawlSummary:
     return CrawlSummary.of(stats)
-
-
-# --- img2dataset components, extended -------------------------------------------------------
-
-
-def _make_downloader(plan: CrawlPlan, work: Path, cfg: CrawlConfig) -> GuardedDownloader:
-    resizer = GuardedResizer(
-        image_size=cfg.image_size,
-        resize_mode=cfg.resize_mode,
-        resize_only_if_bigger=False,
-        encode_quality=cfg.encode_quality,
-        encode_format=cfg.encode_format,
-        min_image_size=cfg.min_image_size,
-        max_image_area=cfg.max_image_area,
-        max_aspect_ratio=cfg.max_aspect_ratio,
-    )
-    guard = safe_http.FetchGuard(
-        policy=cfg.policy,
-        op_timeout_s=cfg.timeout_s,
-        deadline_s=cfg.deadline_s,
-        max_bytes=int(cfg.max_body_mb * 1024 * 1024),
-    )
-    return GuardedDownloader(
-        guard,
-        sample_writer_class=WebDatasetSampleWriter,
-        resizer=resizer,
-        thread_count=cfg.threads,
-        save_caption=True,
-        extract_exif=False,
-        output_folder=str(work),
-        column_list=["url", "caption"],
-        timeout=cfg.timeout_s,
-        number_sample_per_shard=plan.samples_per_shard,
-        oom_shard_count=OOM_SHARD_COUNT,
-        compute_hash=cfg.compute_hash,
-        verify_hash_type=None,
-        encode_format=cfg.encode_format,
-        retries=cfg.retries,
-        user_agent_token=cfg.user_agent_token,
-        disallowed_header_directives=cfg.disallowed_header_directives or None,
-    )
-
-
-class GuardedDownloader(Downloader):
-    """img2dataset's Downloader with mmpipe's guarded urllib opener in its process."""
-
-    def __init__(self, guard: safe_http.FetchGuard, **kwargs):
-        super().__init__(**kwargs)
-        self.guard = guard
-
-    def __call__(self, row):
-        safe_http.install(self.guard)  # cheap; runs in the pool process, never in the caller
-        return super().__call__(row)
-
-
-class GuardedResizer(Resizer):
-    """img2dataset's Resizer, refusing bombs and truncated files before the full decode.
-
-    img2dataset decodes first and checks the area after, so a 20000x20000 PNG of a few KB costs
-    1.2 GB per download thread. The image header tells the size without decoding.
-    """
-
-    def __call__(self, img_stream, blurring_bbox_list=None):
-        problem = self.precheck(img_stream.getvalue())
-        if problem is not None:
-            return None, None, None, None, None, problem
-        return super().__call__(img_stream, blurring_bbox_list)
-
-    def precheck(self, data: bytes) -> str | None:
-        truncated = _truncation(data)
-        if truncated is not None:
-            return truncated
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(io.BytesIO(data)) as img:
-                    width, height = img.size
-        except Image.DecompressionBombError as err:
-            return f"[decompression_bomb] {err}"
-        except Exception:  # not something PIL reads: let img2dataset's decoder judge it
-            return None
-        if width * height > self.max_image_area:
-            ratio = width * height / max(len(data), 1)
-            label = "[decompression_bomb]" if ratio > 100 else "image area too large:"
-            return f"{label} {width}x{height} pixels from {len(data)} bytes, over max_image_area"
-        return None
-
-
-def _truncation(data: bytes) -> str | None:
-    """Files cut short: OpenCV would decode what is there and grey-fill the rest."""
-    # 0xFFD9 cannot occur inside JPEG scan data (0xFF is byte-stuffed), so its absence near the
-    # end means the file stops early; a little trailing padding after it is common and fine.
-    if data.startswith(b"\xff\xd8\xff") and b"\xff\xd9" not in data[-256:]:
-        return "[truncated] JPEG data ends before its end-of-image marker"
-    if data.startswith(b"\x89PNG\r\n\x1a\n") and b"IEND" not in data[-64:]:
-        return "[truncated] PNG data ends before its IEND chunk"
-    return None

@@ -30,32 +30,16 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
 
 from dataprep.embed import EMBED, SCORE, load_embeddings
 from dataprep.filters import STAGE as FILTER
 from dataprep.phash import colour_distance, hamming
-from dataprep.semdedup import SemanticConfig, semantic_dedup
+from dataprep.semdedup import semantic_dedup
+from dataprep.stage_config import DedupConfig, PerceptualConfig
 from dataprep.stages import KEPT, StageStats, Staging, fingerprint
 
 STAGE = "dedup"
 SCHEMA = pa.schema([("key", pa.string()), ("reason", pa.string()), ("duplicate_of", pa.string())])
-
-
-class PerceptualConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool = True
-    hamming_threshold: int = Field(16, ge=0, le=63)  # bits of 64
-    colour_threshold: float = Field(3.0, ge=0)  # levels (0-255), L-infinity
-
-
-class DedupConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    exact: bool = True
-    perceptual: PerceptualConfig = PerceptualConfig()
-    semantic: SemanticConfig = SemanticConfig()
 
 
 @dataclass

@@ -18,27 +18,13 @@ import json
 
 import pyarrow as pa
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
 
 from dataprep.phash import colour_signature, content_box, phash, to_signed
+from dataprep.stage_config import FilterConfig
 from dataprep.stages import KEPT, StageStats, Staging, fingerprint
 
 STAGE = "filter"
 SIGNALS_VERSION = 3  # bump when the recorded signals change: staged output is then redone
-
-
-class FilterConfig(BaseModel):
-    """Thresholds; a sample must pass all of them. Defaults: DataComp's basic filter."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    min_caption_words: int = Field(3, ge=0)  # DataComp: more than 2 words
-    min_caption_chars: int = Field(6, ge=0)  # DataComp: more than 5 characters
-    max_caption_chars: int | None = Field(None, ge=1)
-    min_image_side: int = Field(200, ge=0)  # original smaller side, px
-    max_aspect_ratio: float = Field(3.0, ge=1.0)  # original longer side / smaller side
-    min_image_bytes: int = Field(0, ge=0)  # stored image
-    max_image_bytes: int | None = Field(None, ge=1)
 
 
 # Checked in this order; the first that fails names the drop.

@@ -27,35 +27,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel
 
 from dataprep.dedup import STAGE as DEDUP
 from dataprep.embed import SCORE
 from dataprep.filters import STAGE as FILTER
+from dataprep.stage_config import PublishConfig
 from dataprep.stages import StageSummary, Staging
 from dataprep.store import ObjectNotFound, ObjectStore
 
 MANIFEST = "manifest.json"
-_VERSION = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 
 
 class PublishError(RuntimeError):
     pass
-
-
-class PublishConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    version: str | None = Field(None, pattern=_VERSION)  # None: the next vN
-    samples_per_shard: int | None = Field(1000, ge=1)
-    bytes_per_shard: int | None = Field(None, ge=1)  # used when samples_per_shard is None
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _one_target(self) -> PublishConfig:
-        if (self.samples_per_shard is None) == (self.bytes_per_shard is None):
-            raise ValueError("set exactly one of samples_per_shard and bytes_per_shard")
-        return self
 
 
 class ShardManifest(BaseModel):

@@ -21,24 +21,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+
+from dataprep.stage_config import SemanticConfig
 
 _SIM_BUDGET = 1 << 25  # floats in one block of similarities (128 MB)
 _ASSIGN_BLOCK = 65536
-
-
-class SemanticConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool = True
-    eps: float = Field(0.001, gt=0, lt=1)  # drop when cosine similarity > 1 - eps
-    cluster_size: int = Field(1000, ge=1)  # target items per cluster: k = ceil(n / cluster_size)
-    # An item whose second-nearest centroid is within this cosine margin of its nearest is also
-    # compared in that second cluster: fewer duplicate pairs split by a cluster boundary.
-    boundary_margin: float = Field(0.02, ge=0)
-    kmeans_iterations: int = Field(20, ge=1)
-    max_points_per_centroid: int = Field(256, ge=1)
-    seed: int = 0
 
 
 class EmbeddingSource(Protocol):

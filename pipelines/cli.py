@@ -1,46 +1,28 @@
-"""The `mmpipe` command."""
+"""The `mmpipe` command.
+
+Light at import: `--help` and config errors need argparse, the configs and the model registry;
+each command imports what it runs (Prefect, Ray, torch) itself.
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from dataprep.state import state_dir
+from pipelines.commands import (
+    build_with_progress,
+    check_prefect_api,
+    prepare_environment,
+    run_reporting_errors,
+    train_config,
+    train_with_progress,
+)
 from pipelines.config import BuildConfig, ConfigError, load_config
-from pipelines.server import ConnectionProblem
+from training.registry import spec_names
 
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, ConnectionProblem)
 SERVE_CONFIG = "configs/serve.yaml"
-
-
-def _prepare_environment() -> None:
-    """Settings Prefect reads at import: keep its files in the state dir, no telemetry."""
-    home = os.environ.setdefault("PREFECT_HOME", str(state_dir() / "prefect"))
-    Path(home).mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # The ephemeral API's 20 s start-up limit is too short on a busy 2-core machine.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    # Ray Train's placement-group cleaner asks the state API (the dashboard, off for local runs)
-    # every few seconds and warns each time it is not there; Ray reads this before import.
-    os.environ.setdefault(
-        "RAY_DEDUP_LOGS_SKIP_REGEX", "Failed to query Ray Train Controller actor state"
-    )
-    if "PREFECT_API_URL" not in os.environ:  # a server from `mmpipe server start`, if it runs
-        from pipelines.server import running_api_url
-
-        if url := running_api_url():
-            os.environ["PREFECT_API_URL"] = url
-
-
-def _check_prefect_api(args: argparse.Namespace) -> None:
-    """Commands that run flows fail fast when PREFECT_API_URL points at nothing."""
-    url = os.environ.get("PREFECT_API_URL")
-    if getattr(args, "uses_prefect", False) and url:
-        from pipelines.server import check_api
-
-        check_api(url)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -52,60 +34,18 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_with_progress(config: BuildConfig, label: str = ""):
-    """Run `build-dataset` with a progress bar, then print what every stage kept and dropped."""
-    from pipelines.console import print_build_summary, print_crawl_summary
-    from pipelines.flows import run_build
-    from pipelines.progress import crawl_progress
-
-    with crawl_progress(config):
-        result = run_build(config)
-    print_crawl_summary(config, result.crawl)
-    print_build_summary(result)
-    if result.manifest_uri:
-        print(f"{label}published {config.name}@{result.version}: {result.manifest_uri}")
-    return result
-
-
 def train_config_from_args(args: argparse.Namespace, inputs: bool = True):
-    """The TrainConfig of a parsed `train` command, validated before any worker starts; with
-    ``inputs``, its data and checkpoints must exist as this machine sees them."""
-    from training.config import TrainConfig
-    from training.data import DataError
-    from training.engine import validate
-
+    """The TrainConfig of a parsed `train` command (`commands.train_config`)."""
     overrides = list(args.overrides)
     if args.data:
         overrides.append(f"data.source={args.data}")
     if args.ray_address:
         overrides.append(f"scale.ray_address={args.ray_address}")
-    config = load_config(TrainConfig, args.config, [f"spec={args.model}", *overrides])
-    try:
-        validate(config, inputs=inputs)
-    except (ValueError, DataError, FileNotFoundError) as err:  # config, data, checkpoints
-        raise ConfigError(str(err)) from None
-    return config
-
-
-def training_flow(model: str):
-    """The Prefect flow that trains `model`."""
-    if model == "clip":
-        from pipelines.training_flows import train_clip
-
-        return train_clip
-    from pipelines import dalle_flows
-
-    return {"dvae": dalle_flows.train_dvae, "dalle": dalle_flows.train_dalle}[model]
+    return train_config(args.model, args.config, overrides, inputs=inputs)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    config = train_config_from_args(args)
-    from pipelines.console import print_training_result
-    from pipelines.progress import training_progress
-
-    with training_progress(config):
-        outcome = training_flow(args.model)(config)
-    print_training_result(config, outcome)
+    train_with_progress(train_config_from_args(args))
     return 0
 
 
@@ -157,7 +97,7 @@ def generate_config_from_args(args: argparse.Namespace):
 
 def refuse_missing_inputs(check, config) -> None:
     """``check(config)``; a missing input is a one-line user error, before any flow starts."""
-    from training.data import DataError
+    from training.shards import DataError
 
     try:
         check(config)
@@ -208,8 +148,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     configs = DemoConfigs(clip=args.clip_config, dvae=args.dvae_config, dalle=args.dalle_config)
     for item in args.set or []:
         model, sep, override = item.partition(":")
-        if not sep or model not in ("clip", "dvae", "dalle"):
-            raise ConfigError(f"--set {item!r} must look like clip:steps=100 (clip, dvae, dalle)")
+        if not sep or model not in spec_names():
+            models = ", ".join(spec_names())
+            raise ConfigError(f"--set {item!r} must look like clip:steps=100 ({models})")
         configs.overrides.setdefault(model, []).append(override)
     until = "crawl" if args.no_train else args.until
     return run_demo(args.config, args.overrides, args.n, args.seed, until, configs)
@@ -301,7 +242,7 @@ DESCRIPTION = """From image URLs to trained CLIP and DALL-E models.
 
 user jobs:
   schedule dataset builds    mmpipe build (now), mmpipe serve (on schedules and events)
-  launch training runs       mmpipe train clip|dvae|dalle (here), mmpipe launch (Ray cluster)
+  launch training runs       mmpipe train {models} (here), mmpipe launch (Ray cluster)
   size a cluster             mmpipe plan --config configs/dalle-12b.yaml --gpus N --gpu-mem GB
   draw images                mmpipe generate --checkpoint dalle.pt "a small red circle ..."
   monitor in the Prefect UI  mmpipe server start, then open the URL it prints
@@ -344,7 +285,7 @@ def cmd_datasets_show(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmpipe",
-        description=DESCRIPTION,
+        description=DESCRIPTION.format(models="|".join(spec_names())),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Overrides are dotted key=value pairs, e.g. crawl.threads=32 store.url=s3://b/p",
     )
@@ -359,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=cmd_build, uses_prefect=True)
 
     train = sub.add_parser("train", help="train a model on Ray + DeepSpeed (flow train-MODEL)")
-    train.add_argument("model", choices=["clip", "dvae", "dalle"], help="what to train")
+    train.add_argument("model", choices=spec_names(), help="what to train")
     with_config(train)
     train.add_argument("--data", help="training shards: URIs, brace pattern, folder/ or manifest")
     train.add_argument("--ray-address", help="Ray cluster address (default: a local Ray)")
@@ -513,23 +454,15 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 
 
 def main(argv: list[str] | None = None) -> int:
-    _prepare_environment()
+    prepare_environment()
     args = parse_args(build_parser(), argv)
-    from dataprep.crawl import CrawlError
-    from dataprep.publish import PublishError
-    from dataprep.stages import StageError
-    from dataprep.store import StoreError
-    from dataprep.url_list import UrlListError
 
-    try:
-        _check_prefect_api(args)
+    def run() -> int:
+        if getattr(args, "uses_prefect", False):
+            check_prefect_api()  # commands that run flows fail fast when the API is not there
         return args.func(args)
-    except (*USER_ERRORS, CrawlError, StoreError, UrlListError, PublishError, StageError) as err:
-        print(f"mmpipe: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("mmpipe: interrupted", file=sys.stderr)
-        return 130
+
+    return run_reporting_errors(run)
 
 
 if __name__ == "__main__":

@@ -8,18 +8,23 @@ field and the bad value.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dataprep.build import StagesConfig
-from dataprep.crawl import CrawlConfig
-from dataprep.dedup import DedupConfig
-from dataprep.embed import EmbedConfig, ScoreConfig
-from dataprep.filters import FilterConfig
-from dataprep.publish import PublishConfig
+from dataprep.stage_config import (
+    CrawlConfig,
+    DedupConfig,
+    EmbedConfig,
+    FilterConfig,
+    PublishConfig,
+    ScoreConfig,
+)
 from dataprep.store import StoreConfig
+
+if TYPE_CHECKING:
+    from dataprep.build import StagesConfig
 
 
 class ConfigError(ValueError):
@@ -50,6 +55,8 @@ class BuildConfig(BaseModel):
         return f"staging/{self.name}/crawl"
 
     def stages(self) -> StagesConfig:
+        from dataprep.build import StagesConfig  # the stages themselves: pyarrow, img2dataset
+
         return StagesConfig(
             filter=self.filter,
             embed=self.embed,

@@ -1,8 +1,8 @@
-"""Prefect flows for DALL-E: train the dVAE, train the transformer, generate images.
+"""Prefect flows for DALL-E beside training (`train-dvae`, `train-dalle`: `training_flows`):
+code a dataset with the dVAE, generate images.
 
-Thin wrappers: training goes through `train_and_report` (the same body as `train-clip`),
-generation through `training.generate.run_generation`; the flows add names, progress and
-artifacts (the image grid and a table of CLIP scores and colour matches).
+Thin wrappers over `training.encode_codes` and `training.generate.run_generation`; the flows add
+names, progress and artifacts (the image grid and a table of CLIP scores and colour matches).
 """
 
 from __future__ import annotations
@@ -15,38 +15,8 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from pipelines.training_flows import train_and_report
-from training.config import TrainConfig
 from training.encode_codes import EncodeConfig, ShardCodes, encode_dataset
 from training.generate import GenerateConfig, GenerationReport, run_generation
-
-
-def _check_spec(cfg: TrainConfig, spec: str) -> None:
-    if cfg.spec != spec:
-        raise ValueError(f"train-{spec} got a config for spec {cfg.spec!r} ({cfg.name})")
-
-
-def _train_run_name() -> str:
-    from prefect.runtime import flow_run
-
-    cfg = flow_run.parameters["cfg"]
-    return f"train {cfg.spec} {cfg.name}"
-
-
-@flow(name="train-dvae", flow_run_name=_train_run_name)
-def train_dvae(cfg: TrainConfig, cluster_address: str | None = None) -> dict:
-    """Train (or resume) a discrete VAE on Ray + DeepSpeed; export `dvae.pt`. With
-    `cluster_address` (a Ray dashboard URL), as a Ray Job on that cluster."""
-    _check_spec(cfg, "dvae")
-    return train_and_report(cfg, cluster_address)
-
-
-@flow(name="train-dalle", flow_run_name=_train_run_name)
-def train_dalle(cfg: TrainConfig, cluster_address: str | None = None) -> dict:
-    """Train (or resume) the DALL-E transformer over a frozen dVAE's codes; export `dalle.pt`.
-    With `cluster_address` (a Ray dashboard URL), as a Ray Job on that cluster."""
-    _check_spec(cfg, "dalle")
-    return train_and_report(cfg, cluster_address)
 
 
 @task(name="encode", task_run_name="encode shards with {cfg.dvae_checkpoint}")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dataprep.state import state_dir
+from pipelines.commands import build_with_progress, train_config, train_with_progress
 from pipelines.config import BuildConfig, load_config
 
 READY_TIMEOUT_S = 120.0
@@ -24,7 +25,7 @@ READY_TIMEOUT_S = 120.0
 UNTIL = ("crawl", "build", "clip", "all")
 SCORER_PATH = ("cache", "scorer", "clip-scorer-tiny.pt")  # under the state dir
 #: Short schedules that keep the whole demo near 10 minutes on 2 cores (the configs hold the
-#: full recipes; see the README).
+#: full recipes: docs/recipes.md).
 DEMO_SCHEDULES = {  # CLIP: zero-shot eval at the end only (each costs ~30 s here)
     "clip": ["steps=150", "eval.every_steps=0", "checkpoint_every=50", "optim.warmup_steps=20"],
     "dvae": [],  # configs/dvae-tiny.yaml as it is: 600 steps
@@ -104,7 +105,7 @@ def run_demo(
             extra = [f"dvae_checkpoint={exports['dvae']}", f"data.codes={codes}"]
             _lap(started, "codes")
         cfg = _train_config(model, configs, manifest, extra)
-        exports[model] = _train(model, cfg)
+        exports[model] = _train(cfg)
         _lap(started, model)
     if until == "all":
         clip = runs["clip"]
@@ -137,8 +138,6 @@ def _ensure_scorer(path: Path) -> None:
 
 def _build(config: BuildConfig, n: int, seed: int) -> str | None:
     """Serve the sample web, run build-dataset on it; the published manifest's URI."""
-    from pipelines.cli import build_with_progress
-
     with sample_web(n, seed, state_dir() / "sampleweb") as web:
         print(f"[demo] sample web: {web['n']} samples at {web['base_url']}")
         config = config.model_copy(
@@ -155,18 +154,11 @@ def _allow(crawl, port: int):
     return crawl.model_copy(update={"policy": policy})
 
 
-def _train(model: str, cfg) -> str:
-    """Train `model` afresh through its Prefect flow; the URI of its exported weights."""
-    from pipelines.cli import training_flow
-    from pipelines.console import print_training_result
-    from pipelines.progress import training_progress
-
+def _train(cfg) -> str:
+    """Train afresh through the spec's Prefect flow; the URI of its exported weights."""
     _remove(cfg.store.open(), f"{cfg.run_prefix()}/", f"the previous {cfg.name} run")
     print(f"[demo] training {cfg.model} for {cfg.steps} steps on {cfg.data.source}")
-    with training_progress(cfg):
-        outcome = training_flow(model)(cfg)
-    print_training_result(cfg, outcome)
-    return outcome["export"]
+    return train_with_progress(cfg)["export"]
 
 
 def _encode(dvae_export: str, manifest: str, dvae_run) -> str:
@@ -198,18 +190,13 @@ def _generate(dalle_export: str, clip_model: str, clip_export: str) -> None:
 
 
 def _train_config(model: str, configs: DemoConfigs, source: str, extra: list[str] = ()):
-    from training.config import TrainConfig
-    from training.engine import validate
-
-    path = getattr(configs, model)
     # Its own run name: the demo starts its runs afresh and must not touch a user's runs.
-    base = [f"spec={model}", f"data.source={source}", f"name=demo-{model}"]
-    base += DEMO_SCHEDULES[model]
+    base = [f"data.source={source}", f"name=demo-{model}", *DEMO_SCHEDULES[model]]
     if model == "dalle" and not extra:
         extra = ["dvae_checkpoint=file:///placeholder/dvae.pt"]
-    cfg = load_config(TrainConfig, path, [*base, *extra, *configs.overrides.get(model, [])])
-    validate(cfg, inputs=False)  # the data and the dVAE come later in the demo
-    return cfg
+    overrides = [*base, *extra, *configs.overrides.get(model, [])]
+    # The data and the dVAE come later in the demo.
+    return train_config(model, getattr(configs, model), overrides, inputs=False)
 
 
 def _remove(store, prefix: str, what: str) -> None:

@@ -2,20 +2,15 @@
 
 - `build-dataset/<dataset>`: one per build config, on its cron or interval schedule (or on
   demand), with the config (URL list, dataset name, ...) as its parameters; one run at a time.
-- `train-<model>/<run>`: one per training config; with `on_publish`, a DeploymentEventTrigger
-  starts it when `mmpipe.dataset.published` is emitted for that dataset, training on the
-  published manifest under the run name `<run>-<version>`; with `cluster_address`, its runs
-  train on that Ray cluster as Ray Jobs.
-
-`train-dvae` and `train-dalle` are registered once `pipelines/dalle_flows.py` provides the
-flows `train_dvae` and `train_dalle` (each taking `cfg`, like `train_clip`).
+- `train-<model>/<run>`: one per training config, for any registered model (`training_flows`);
+  with `on_publish`, a DeploymentEventTrigger starts it when `mmpipe.dataset.published` is
+  emitted for that dataset, training on the published manifest under the run name
+  `<run>-<version>`; with `cluster_address`, its runs train on that Ray cluster as Ray Jobs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
-import importlib.util
 import signal
 from datetime import timedelta
 from typing import Any
@@ -24,21 +19,8 @@ from pipelines.config import BuildConfig, ConfigError, load_config
 from pipelines.events import DATASET_PUBLISHED, dataset_resource_id
 from pipelines.ops_config import BuildDeployment, Schedule, ServeConfig, TrainDeployment
 
-TRAINING_FLOWS = {  # model -> (module, flow function)
-    "clip": ("pipelines.training_flows", "train_clip"),
-    "dvae": ("pipelines.dalle_flows", "train_dvae"),
-    "dalle": ("pipelines.dalle_flows", "train_dalle"),
-}
 # The run name of a triggered training run: the configured name plus the published version.
 VERSION_SUFFIX = "-{{ event.payload.version | lower | replace('.', '-') | replace('_', '-') }}"
-
-
-def training_flow(model: str):
-    """The flow that trains `model`, or None while its module does not exist yet."""
-    module_name, attr = TRAINING_FLOWS[model]
-    if importlib.util.find_spec(module_name) is None:
-        return None
-    return getattr(importlib.import_module(module_name), attr)
 
 
 def _schedule_kwargs(schedule: Schedule) -> dict[str, Any]:
@@ -72,13 +54,11 @@ def build_deployment(spec: BuildDeployment):
 
 
 def train_deployment(spec: TrainDeployment):
-    """The `train-<model>` deployment of one training config, or None if the model's flow is
-    not there yet."""
+    """The `train-<model>` deployment of one training config."""
+    from pipelines.training_flows import training_flow
     from training.config import TrainConfig
 
     flow = training_flow(spec.model)
-    if flow is None:
-        return None
     cfg = load_config(TrainConfig, spec.config, [f"spec={spec.model}", *spec.overrides])
     params = {"cfg": cfg.model_dump(mode="json")}
     if spec.cluster_address:  # only then: a flow without the parameter is served unchanged
@@ -112,29 +92,24 @@ def publish_trigger(spec: TrainDeployment, params: dict):
     )
 
 
-def deployments(config: ServeConfig, warn=print) -> list:
-    """Every deployment the serve config asks for (training ones whose flow exists)."""
+def deployments(config: ServeConfig) -> list:
+    """Every deployment the serve config asks for."""
     found = [build_deployment(spec) for spec in config.builds]
-    for spec in config.training:
-        deployment = train_deployment(spec)
-        if deployment is None:
-            warn(f"skipping train-{spec.model}: its flow is not in this version of mmpipe")
-        else:
-            found.append(deployment)
+    found += [train_deployment(spec) for spec in config.training]
     if not found:
         raise ConfigError("the serve config lists no deployments (builds: or training:)")
     return found
 
 
-def apply_deployments(config: ServeConfig, warn=print) -> list[str]:
+def apply_deployments(config: ServeConfig) -> list[str]:
     """Create or update the deployments (and their triggers) on the Prefect API; returns ids."""
-    return [str(d.apply()) for d in deployments(config, warn)]
+    return [str(d.apply()) for d in deployments(config)]
 
 
-def serve(config: ServeConfig, warn=print) -> None:
+def serve(config: ServeConfig) -> None:
     """Create the deployments and run their flow runs here until Ctrl-C or SIGTERM; either
     pauses their schedules and returns."""
-    found = deployments(config, warn)
+    found = deployments(config)
     runner = _runner()
     for deployment in found:
         runner.add_deployment(deployment)

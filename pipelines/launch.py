@@ -7,8 +7,8 @@ The cluster's image provides Python and the pinned dependencies (infra/Dockerfil
 config is validated here first, so config errors fail before anything is uploaded.
 
 Training flows launch the config they were given, already resolved (`launch_resolved`): the
-job runs `python -m pipelines.launch <model> <config as JSON>`, which writes it to a YAML file
-on the head and runs `mmpipe train <model> --config` on it.
+job runs `python -m pipelines.job <spec> <config as JSON>`, which validates it on the head and
+trains it through the spec's flow, as `mmpipe train` would.
 
 Ray 2.60 clusters require a token: the client sends it when RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH
 or ~/.ray/auth_token provides one. Credentials for the store belong on the cluster (instance
@@ -20,8 +20,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shlex
-import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -222,21 +220,4 @@ def launch_resolved(address: str, cfg, env: dict[str, str] | None = None, out=pr
     """Train `cfg` on the cluster at `address` as a Ray Job, the whole config travelling with
     it (no config file needs to exist on the head)."""
     command = [cfg.spec, json.dumps(job_config(cfg))]
-    return launch(address, command, cfg, env, project_root(), out=out, module="pipelines.launch")
-
-
-def run_job(argv: list[str]) -> int:
-    """In the job: `mmpipe train <model>` on the config given as JSON."""
-    import yaml
-
-    from pipelines.cli import main
-
-    model, config_json = argv
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="mmpipe-train-") as file:
-        yaml.safe_dump(json.loads(config_json), file)
-        file.flush()
-        return main(["train", model, "--config", file.name])
-
-
-if __name__ == "__main__":
-    sys.exit(run_job(sys.argv[1:]))
+    return launch(address, command, cfg, env, project_root(), out=out, module="pipelines.job")

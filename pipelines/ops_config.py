@@ -7,11 +7,9 @@ to the directory `mmpipe serve` runs in.
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-MODELS = ("clip", "dvae", "dalle")
+from training.config import SpecName
 
 
 class _Strict(BaseModel):
@@ -59,7 +57,7 @@ class PublishTrigger(_Strict):
 class TrainDeployment(_Strict):
     """A `train-<model>` deployment: a training config, optionally triggered by a publish."""
 
-    model: Literal["clip", "dvae", "dalle"] = "clip"
+    model: SpecName = "clip"
     config: str  # a TrainConfig YAML, e.g. configs/clip-tiny.yaml
     overrides: list[str] = []
     schedule: Schedule = Schedule()

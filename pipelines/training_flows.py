@@ -1,16 +1,17 @@
-"""Prefect flows that train models: thin wrappers over `training.engine`.
+"""Prefect flows that train models: `train-<spec>` for every registered spec, one body.
 
-With `cluster_address` (a Ray dashboard URL), a flow trains on that cluster instead: a Ray Job
-runs the same `mmpipe train` on the resolved config (`pipelines.launch`), its logs stream into
-the flow's log, and the flow reports from the store the job wrote to.
+Thin wrappers over `training.engine`. With `cluster_address` (a Ray dashboard URL), a flow trains
+on that cluster instead: a Ray Job trains the resolved config (`pipelines.job`), its logs stream
+into the flow's log, and the flow reports from the store the job wrote to.
 """
 
 from __future__ import annotations
 
 import contextvars
+import functools
 import threading
 
-from prefect import flow, get_run_logger, task
+from prefect import Flow, flow, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -24,6 +25,7 @@ from training.config import TrainConfig
 from training.engine import TrainResult, launch
 from training.export import export_run
 from training.monitor import read_metrics
+from training.registry import check_spec_name, spec_names
 
 POLL_S = 5.0
 
@@ -143,8 +145,27 @@ def train_and_report(cfg: TrainConfig, cluster_address: str | None = None) -> di
     return {"result": result.__dict__, "export": exported, "final": rows[-1] if rows else {}}
 
 
-@flow(name="train-clip", flow_run_name=_run_name)
-def train_clip(cfg: TrainConfig, cluster_address: str | None = None) -> dict:
-    """Train (or resume) a CLIP run on Ray + DeepSpeed, export its weights, report its curve;
-    on the Ray cluster at `cluster_address` (its dashboard URL) if given."""
-    return train_and_report(cfg, cluster_address)
+@functools.cache
+def training_flow(spec: str) -> Flow:
+    """The flow `train-<spec>`: train (or resume) a run of a registered spec on Ray + DeepSpeed,
+    export its weights and report its curve; on the Ray cluster at `cluster_address` (its
+    dashboard URL) if given. It refuses a config of another spec."""
+    check_spec_name(spec)
+
+    def train(cfg: TrainConfig, cluster_address: str | None = None) -> dict:
+        if cfg.spec != spec:
+            raise ValueError(f"train-{spec} got a config for spec {cfg.spec!r} ({cfg.name})")
+        return train_and_report(cfg, cluster_address)
+
+    # The name a deployment's entrypoint gives (pipelines/training_flows.py:train_clip).
+    train.__name__ = train.__qualname__ = f"train_{spec.replace('-', '_')}"
+    train.__doc__ = f"Train (or resume) a {spec} run, export its weights, report its curve."
+    return flow(name=f"train-{spec}", flow_run_name=_run_name)(train)
+
+
+def __getattr__(name: str) -> Flow:
+    """`train_clip`, `train_dvae`, ...: the flow of each registered spec."""
+    spec = name.removeprefix("train_").replace("_", "-")
+    if name.startswith("train_") and spec in spec_names():
+        return training_flow(spec)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -136,3 +137,38 @@ def test_encode_codes_and_generate_refuse_missing_checkpoints_in_one_line(tmp_pa
     assert generate.returncode == 2, generate.stderr[-2000:]
     assert f"dalle_checkpoint (--checkpoint) not found: {tmp_path}/dalle.pt" in generate.stderr
     assert "Traceback" not in encode.stderr + generate.stderr
+
+
+HEAVY = {"torch", "ray", "prefect", "deepspeed", "img2dataset", "open_clip", "webdataset", "pandas"}
+LIGHT_COMMANDS = [
+    ["--help"],
+    ["train", "--help"],
+    ["build", "--config", "configs/demo.yaml", "crawl.threads=many"],
+    ["train", "clip", "--config", "configs/clip-tiny.yaml", "steps=many"],
+]
+
+
+def test_help_and_config_errors_import_nothing_heavy():
+    code = f"""
+import contextlib, io, sys
+from pipelines.cli import main
+for argv in {LIGHT_COMMANDS!r}:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            assert main(argv) == 2
+        except SystemExit as exit:
+            assert exit.code == 0
+print(sorted(set(sys.modules) & {HEAVY!r}))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]"
+
+
+def test_help_is_quick():
+    mmpipe_script = Path(sys.executable).parent / "mmpipe"
+    for args in (["--help"], ["train", "--help"]):
+        started = time.monotonic()
+        result = subprocess.run([mmpipe_script, *args], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert time.monotonic() - started < 5  # generous: under 1.5 s on a quiet machine

@@ -9,7 +9,8 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.testing.utilities import prefect_test_harness
 
 from pipelines.config import load_config
-from pipelines.dalle_flows import encode_codes, generate_dalle, train_dalle, train_dvae
+from pipelines.dalle_flows import encode_codes, generate_dalle
+from pipelines.training_flows import train_dalle, train_dvae
 from tests.training.test_engine import write_shards
 from training.config import TrainConfig
 from training.encode_codes import EncodeConfig

@@ -10,10 +10,11 @@ import pytest
 import yaml
 
 from pipelines.config import load_config
-from pipelines.deployments import apply_deployments, training_flow
+from pipelines.deployments import apply_deployments
 from pipelines.events import emit_dataset_published
 from pipelines.locks import dataset_build_lock
 from pipelines.ops_config import ServeConfig
+from pipelines.training_flows import training_flow
 from tests.pipelines.conftest import using_api
 
 
@@ -70,7 +71,7 @@ def applied(prefect_server, tmp_path_factory):
     config = serve_config(tmp_path_factory.mktemp("serve"))
     names = ["build-dataset/nightly", "build-dataset/hourly", "train-clip/deptrain"]
     with using_api(prefect_server.api_url):
-        ids = apply_deployments(config, warn=lambda _: None)
+        ids = apply_deployments(config)
         deployments, automations = asyncio.run(read_back(names))
     return config, ids, deployments, automations
 
@@ -114,7 +115,7 @@ def test_publishing_a_dataset_starts_the_triggered_training(applied, prefect_ser
 
 def test_the_trigger_can_be_switched_off(prefect_server, tmp_path):
     with using_api(prefect_server.api_url):
-        apply_deployments(serve_config(tmp_path, enabled=False), warn=lambda _: None)
+        apply_deployments(serve_config(tmp_path, enabled=False))
         _, automations = asyncio.run(read_back([]))
     [trigger] = [a for a in automations if a.name == "train clip on publish of nightly"]
     assert not trigger.enabled

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from pipelines import cli, server
+from pipelines import commands, server
 from tests.conftest import free_port
 from tests.pipelines.conftest import mmpipe
 
@@ -23,14 +23,14 @@ def test_status_start_again_and_flows_point_at_the_server(prefect_server, monkey
 
     monkeypatch.setenv("MMPIPE_STATE_DIR", str(prefect_server.state))
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    cli._prepare_environment()
+    commands.prepare_environment()
     assert os.environ["PREFECT_API_URL"] == prefect_server.api_url
 
 
 def test_without_a_server_flows_keep_the_ephemeral_api(tmp_path, monkeypatch):
     monkeypatch.setenv("MMPIPE_STATE_DIR", str(tmp_path))
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    cli._prepare_environment()
+    commands.prepare_environment()
     assert "PREFECT_API_URL" not in os.environ
     assert server.status_lines() == [
         "Prefect server: not running (flows use the ephemeral local API)"

@@ -1,0 +1,130 @@
+"""What `mmpipe`, the demo and a Ray Job share: the process's environment, user errors in one
+line, and builds and training runs through their Prefect flows with progress and a summary.
+
+Light at import, like the CLI: Prefect, Ray and torch are imported by the functions that run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dataprep.state import state_dir
+from pipelines.config import BuildConfig, ConfigError, load_config
+from pipelines.server import ConnectionProblem
+
+if TYPE_CHECKING:
+    from training.config import TrainConfig
+
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, ConnectionProblem)
+
+
+def prepare_environment() -> None:
+    """Settings Prefect reads at import: keep its files in the state dir, no telemetry."""
+    home = os.environ.setdefault("PREFECT_HOME", str(state_dir() / "prefect"))
+    Path(home).mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The ephemeral API's 20 s start-up limit is too short on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # Ray Train's placement-group cleaner asks the state API (the dashboard, off for local runs)
+    # every few seconds and warns each time it is not there; Ray reads this before import.
+    os.environ.setdefault(
+        "RAY_DEDUP_LOGS_SKIP_REGEX", "Failed to query Ray Train Controller actor state"
+    )
+    if "PREFECT_API_URL" not in os.environ:  # a server from `mmpipe server start`, if it runs
+        from pipelines.server import running_api_url
+
+        if url := running_api_url():
+            os.environ["PREFECT_API_URL"] = url
+
+
+def check_prefect_api() -> None:
+    """Runs of flows fail fast when PREFECT_API_URL points at nothing."""
+    if url := os.environ.get("PREFECT_API_URL"):
+        from pipelines.server import check_api
+
+        check_api(url)
+
+
+def _stage_errors() -> tuple[type[Exception], ...]:
+    """The build's errors whose message says it all; imported once one is raised (their modules
+    import pyarrow and img2dataset's neighbours)."""
+    from dataprep.crawl import CrawlError
+    from dataprep.publish import PublishError
+    from dataprep.stages import StageError
+    from dataprep.store import StoreError
+    from dataprep.url_list import UrlListError
+
+    return CrawlError, StoreError, UrlListError, PublishError, StageError
+
+
+def run_reporting_errors(run: Callable[[], int]) -> int:
+    """`run()`'s exit code; a user error is one line on stderr and code 2, Ctrl-C code 130."""
+    try:
+        return run()
+    except USER_ERRORS as err:
+        return _refuse(err)
+    except KeyboardInterrupt:
+        print("mmpipe: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if isinstance(err, _stage_errors()):
+            return _refuse(err)
+        raise
+
+
+def _refuse(err: Exception) -> int:
+    print(f"mmpipe: error: {err}", file=sys.stderr)
+    return 2
+
+
+def build_with_progress(config: BuildConfig, label: str = ""):
+    """Run `build-dataset` with a progress bar, then print what every stage kept and dropped."""
+    from pipelines.console import print_build_summary, print_crawl_summary
+    from pipelines.flows import run_build
+    from pipelines.progress import crawl_progress
+
+    with crawl_progress(config):
+        result = run_build(config)
+    print_crawl_summary(config, result.crawl)
+    print_build_summary(result)
+    if result.manifest_uri:
+        print(f"{label}published {config.name}@{result.version}: {result.manifest_uri}")
+    return result
+
+
+def train_config(
+    spec: str,
+    path: str | None,
+    overrides: list[str] = (),
+    values: dict[str, Any] | None = None,
+    inputs: bool = True,
+) -> TrainConfig:
+    """The TrainConfig of a `spec` run, validated before any worker starts; with ``inputs``, its
+    data and checkpoints must exist as this machine sees them."""
+    from training.config import TrainConfig
+
+    config = load_config(TrainConfig, path, [f"spec={spec}", *overrides], values=values)
+    from training.engine import validate
+    from training.shards import DataError
+
+    try:
+        validate(config, inputs=inputs)
+    except (ValueError, DataError, FileNotFoundError) as err:  # config, data, checkpoints
+        raise ConfigError(str(err)) from None
+    return config
+
+
+def train_with_progress(config: TrainConfig) -> dict:
+    """Train through the spec's flow (`train-<spec>`) with a progress bar; print the result."""
+    from pipelines.console import print_training_result
+    from pipelines.progress import training_progress
+    from pipelines.training_flows import training_flow
+
+    with training_progress(config):
+        outcome = training_flow(config.spec)(config)
+    print_training_result(config, outcome)
+    return outcome
