@@ -1,58 +1,32 @@
 """DALL-E attention: sparse row / column / conv kernels against dense masked attention.
 
-Both sides compute the same layer (training/models/attention.py; tests check they agree): the
-dense side is one ``scaled_dot_product_attention`` over all ``T + N`` keys with the layer's
-boolean mask, the sparse side attends text + a local window per block of image queries. The
-layout is the paper's (256 text tokens + 32 x 32 image tokens); width is reduced to fit a CPU.
-Each measurement is forward + backward, the median of ``--repeats`` runs after a warm-up,
-dense and sparse alternating. One thread by default: what each training worker uses here. The
-last line sums the kinds over a model's layer schedule (the 12B's 64 layers: 47 row, 16 column,
-1 conv): the speed-up of a whole model's attention. One table per dtype: float32, and bfloat16,
-the precision the DALL-E configs train in.
-
-Measured (2 cores, quiet, 1 thread, 2026-12-06, medians of 5 runs on an AMD EPYC core): float32
-row 4.08x, column 4.39x, conv 2.80x (2.71-3.18x), 12B schedule 4.12x; bfloat16 row 5.09x, column
-5.63x, conv 4.05x, schedule 5.17x (another machine that day: float32 3.91x, 4.18x, 2.82x, 3.95x;
-bfloat16 4.09x, 4.62x, 3.31x, 4.20x). Conv in float32
-is bound by its window (every image query scores 256 text + 160 window keys against 1,280) and
-by gathering the windows (~115 us per head and pass in the kernel, 34 us with the keys in cache).
+Both sides compute the same layer (training/models/attention.py) at the paper's layout (256 text
++ 32 x 32 image tokens) with a CPU-sized width: forward + backward, dense and sparse alternating,
+one table per dtype, and the speed-up summed over a model's layer schedule (the 12B's 64 layers).
+Measured figures: docs/benchmarks.md.
 
     .venv/bin/python benchmarks/attention.py                    # attention kernels
     .venv/bin/python benchmarks/attention.py --train-tokens     # + dalle-tiny training tokens/s
-
-``--train-tokens`` times optimizer steps of dalle-tiny (configs/models/dalle-tiny.json) on
-random tokens in one process, sparse and dense attention, and prints tokens/s (text + image
-positions per second). Timings on a shared machine are noisy: compare runs taken together.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
-from training.models.attention import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file
+
+from benchmarks.metering import time_alternately  # noqa: E402
+from training.models.attention import (  # noqa: E402
     KINDS,
     Layout,
     dense_attention,
     layer_kinds,
     sparse_attention,
 )
-
-
-def _time_pair(first, second, repeats: int) -> tuple[float, float]:
-    """Median seconds of ``first`` and ``second``, run alternately so that load from other
-    processes hits both alike."""
-    first(), second()  # warm-up: caches masks and plans, the allocator
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeats):
-        for fn, out in ((first, times[0]), (second, times[1])):
-            start = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def attention_step(attend, q, k, v, kind, layout, kernel):
@@ -79,7 +53,7 @@ def bench_attention(args, dtype_name: str) -> None:
     print(f"{'kind':<8}{'dense ms':>10}{'sparse ms':>11}{'speed-up':>10}")
     times = {}
     for kind in KINDS:
-        times[kind] = dense, sparse = _time_pair(
+        times[kind] = dense, sparse = time_alternately(
             attention_step(dense_attention, q, k, v, kind, layout, args.kernel),
             attention_step(sparse_attention, q, k, v, kind, layout, args.kernel),
             args.repeats,
@@ -116,7 +90,7 @@ def bench_training(args) -> None:
             optimizer.step()
 
         steps["dense" if dense else "sparse"] = step
-    timings = _time_pair(steps["dense"], steps["sparse"], args.repeats)
+    timings = time_alternately(steps["dense"], steps["sparse"], args.repeats)
     for name, seconds in zip(("dense", "sparse"), timings, strict=True):
         tokens = args.train_batch * cfg.seq_len / seconds
         print(f"{name:<8}{seconds * 1e3:>8.1f} ms/step {tokens:>10.0f} tokens/s")

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import pickle
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -31,6 +30,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.metering import Timers, own_cpu_s  # noqa: E402
+from dataprep.clip_models import ClipBundle, create_clip, register_model_configs  # noqa: E402
 from dataprep.sampleweb.corpus import COLOURS, generate_corpus, render_image  # noqa: E402
 from training.evaluate import (  # noqa: E402
     HELDOUT_SEED,
@@ -45,12 +46,7 @@ from training.evaluate import (  # noqa: E402
     zero_shot_accuracy,
 )
 from training.losses import ClipLoss, clamp_logit_scale  # noqa: E402
-from training.models.clip import (  # noqa: E402
-    ClipBundle,
-    create_clip,
-    param_groups,
-    register_model_configs,
-)
+from training.models.clip import param_groups  # noqa: E402
 
 CACHE = Path(__file__).resolve().parents[1] / "state" / "cache" / "clip_recipe"
 CRAWL_SIZE = 64  # configs/demo.yaml crawl.image_size
@@ -130,11 +126,6 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
     return 0.5 * args.lr * (1 + math.cos(math.pi * progress))
 
 
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 @dataclass
 class EvalSet:
     images: torch.Tensor  # [N, 3, S, S], eval transform applied
@@ -199,18 +190,18 @@ def train(args: argparse.Namespace) -> list[dict]:
     )
     loss_fn = ClipLoss()
     curve: list[dict] = []
-    train_s = eval_s = train_cpu_s = 0.0
+    timers = Timers()  # "train" and "eval": wall and CPU seconds
     losses: list[float] = []  # since the last evaluation
-    cpu0 = cpu_seconds()
+    cpu0 = own_cpu_s()
     print(
         "train_s  cpu/2  step epoch   loss  scale  ptop1   top1   top5  shape colour  i2t@1  t2i@1  train1",
         flush=True,
     )
     for step in range(args.steps + 1):
         if step % args.eval_every == 0 or step == args.steps:
-            e0 = time.time()
-            metrics = evaluate(bundle, heldout, train_set, prompts)
-            eval_s += time.time() - e0
+            with timers("eval"):
+                metrics = evaluate(bundle, heldout, train_set, prompts)
+            train_s, train_cpu_s = timers.wall.get("train", 0.0), timers.cpu.get("train", 0.0)
             loss_mean = sum(losses) / len(losses) if losses else float("nan")
             point = {"train_s": round(train_s, 1), "cpu_s": round(train_cpu_s, 1), "step": step}
             point["epoch"] = data.epochs
@@ -228,21 +219,20 @@ def train(args: argparse.Namespace) -> list[dict]:
             )
         if step == args.steps:
             break
-        s0, c0 = time.time(), cpu_seconds()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args)
-        x, tokens = data.batch(args.batch)
-        image_features, text_features, scale = model(x, tokens)
-        loss = loss_fn(image_features, text_features, scale)["total"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        clamp_logit_scale(model)
-        losses.append(loss.item())
-        train_s += time.time() - s0
-        train_cpu_s += cpu_seconds() - c0
+        with timers("train"):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, args)
+            x, tokens = data.batch(args.batch)
+            image_features, text_features, scale = model(x, tokens)
+            loss = loss_fn(image_features, text_features, scale)["total"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            clamp_logit_scale(model)
+            losses.append(loss.item())
 
-    cpu_per_wall = (cpu_seconds() - cpu0) / max(1e-9, train_s + eval_s)
+    train_s, eval_s = timers.wall.get("train", 0.0), timers.wall["eval"]
+    cpu_per_wall = (own_cpu_s() - cpu0) / max(1e-9, train_s + eval_s)
     final = curve[-1]
     print(
         f"# final: zero-shot top1 {final['prob_ensemble_top1']:.3f} (probability-space "

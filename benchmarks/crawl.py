@@ -1,35 +1,11 @@
 """Crawl throughput: mmpipe's crawl stage against the bare img2dataset CLI, same URLs and settings.
 
-What is measured
-  One clean URL list (``--n`` captioned JPEGs, 96-256 px, on the loopback sample web started by
-  ``mmpipe sampleweb serve --clean`` in its own process) is crawled by
-  (a) mmpipe: ``prepare_crawl`` + ``crawl_shards`` over all shards into a fresh local
-      ``file://`` store under a fresh prefix (in this process; the crawl itself runs on
-      mmpipe's spawn pool), and
-  (b) img2dataset: the ``img2dataset`` CLI as a subprocess, webdataset output to a fresh folder,
-  with the same processes, threads, image size, resize mode (border), encoding (jpg, q95),
-  samples per shard, timeout (10 s), retries (0), shard retries (1), hash (sha256), user agent
-  token, max image area and no EXIF. Each run is the wall time of the whole call, pool start-up
-  included (the CLI's time also includes its interpreter start and imports; that cost is
-  measured separately, least of 3, and printed with the ratio mmpipe would get had it paid it
-  too). images/s = successfully crawled images / seconds. A run counts only when it crawled
-  > 99% of the URLs (and accounted for all of them); otherwise the benchmark stops with an
-  error, so a run that failed fast never looks fast.
+Both crawl one clean URL list of the loopback sample web with the same settings, alternating;
+prints images/s of every run, the medians and the ratio mmpipe / img2dataset (target >= 0.95),
+and the CPU other processes used meanwhile. What exactly is compared and how: docs/benchmarks.md.
 
-  The order alternates (a b, b a, a b, ...) to cancel drift; one small unmeasured warm-up of each
-  comes first (page cache, imports). Before each run the benchmark waits (up to --wait-quiet
-  seconds) for the rest of the machine to go idle; it reports the CPU that other processes used
-  during each run (other-cpu) and warns when that was significant: on 2 cores a busy neighbour
-  skews a run badly. Reported: every run, the median images/s of each, and the ratio
-  mmpipe / img2dataset (target >= 0.95). Also per run: shard-s, the sum of img2dataset's own
-  per-shard durations (download, resize, write, inside the download processes), and ms/url
-  (shard-s per URL), to tell the crawl work itself from start-up, mmpipe's post-processing and
-  upload.
-
-Run (from the repository root)
-  .venv/bin/python benchmarks/crawl.py                     # n=5000, 3 repeats of each
-  .venv/bin/python benchmarks/crawl.py --n 10000 --repeats 5 --json bench-crawl.json
-  .venv/bin/python benchmarks/crawl.py --processes 2 --threads 32 --image-size 64 --keep
+    .venv/bin/python benchmarks/crawl.py                     # n=5000, 3 repeats of each
+    .venv/bin/python benchmarks/crawl.py --n 200 --repeats 1 --warmup-n 0 --wait-quiet 0
 """
 
 from __future__ import annotations
@@ -39,7 +15,6 @@ import contextlib
 import json
 import os
 import platform
-import resource
 import shutil
 import signal
 import statistics
@@ -52,6 +27,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a file
+
+from benchmarks.metering import OTHER_CPU_WARN, OtherLoad  # noqa: E402
+
 READY_TIMEOUT_S = 300.0
 MIN_SUCCESS = 0.99  # a run must crawl more than this share of the URLs to count
 TARGET_RATIO = 0.95
@@ -62,8 +41,6 @@ MAX_SHARD_RETRY = 1
 HASH = "sha256"
 USER_AGENT_TOKEN = "mmpipe"
 MAX_IMAGE_AREA = 89_478_485  # mmpipe's default (PIL's bomb limit); img2dataset's is inf
-OTHER_CPU_WARN = 0.25  # of one core, over a run: the machine was not quiet
-QUIET_CORES = 0.1  # the machine counts as quiet when others use less than this
 MMPIPE, I2D = "mmpipe", "img2dataset"
 
 
@@ -88,66 +65,6 @@ class Run:
     @property
     def images_per_s(self) -> float:
         return self.kept / self.seconds
-
-
-# --------------------------------------------------------------------------- machine load
-
-
-class CpuMeter:
-    """CPU seconds that other processes on the machine use while a run is measured.
-
-    Whole-machine busy time (/proc/stat) minus this process and its reaped children (the pool
-    workers, the CLI and its workers) minus the sample web server. On 2 cores a busy neighbour
-    skews a run badly; this makes it visible. None where /proc is not there.
-    """
-
-    def __init__(self, server_pid: int):
-        self.server_pid = server_pid
-
-    @staticmethod
-    def _machine_busy() -> float | None:
-        try:
-            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-        except OSError:
-            return None
-        user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[:7])
-        return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
-
-    def _server(self) -> float:
-        try:
-            fields = Path(f"/proc/{self.server_pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    @staticmethod
-    def _ours() -> float:
-        total = 0.0
-        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
-            usage = resource.getrusage(who)
-            total += usage.ru_utime + usage.ru_stime
-        return total
-
-    def read(self) -> tuple[float | None, float]:
-        busy = self._machine_busy()
-        return busy, self._ours() + self._server()
-
-    def wait_quiet(self, max_wait_s: float, window_s: float = 5.0) -> float:
-        """Wait until others use < QUIET_CORES over a window, at most max_wait_s; returns waited."""
-        started = time.monotonic()
-        while time.monotonic() - started < max_wait_s:
-            before = self.read()
-            time.sleep(window_s)
-            other = self.other(before, self.read())
-            if other is None or other < QUIET_CORES * window_s:
-                break
-        return time.monotonic() - started
-
-    @staticmethod
-    def other(before: tuple[float | None, float], after: tuple[float | None, float]):
-        if before[0] is None or after[0] is None:
-            return None
-        return max(0.0, (after[0] - before[0]) - (after[1] - before[1]))
 
 
 # --------------------------------------------------------------------------- sample web
@@ -316,7 +233,7 @@ CRAWLERS = {MMPIPE: run_mmpipe, I2D: run_img2dataset}
 
 
 def measure(
-    tool: str, repeat: int, urls: Path, n: int, root: Path, args, port: int, meter: CpuMeter
+    tool: str, repeat: int, urls: Path, n: int, root: Path, args, port: int, meter: OtherLoad
 ) -> Run:
     work = root / f"{tool}-{repeat}"
     work.mkdir(parents=True)
@@ -327,7 +244,7 @@ def measure(
     before = meter.read()
     try:
         seconds, kept, shard_s, outcome = CRAWLERS[tool](urls, n, work, args, port)
-        other = CpuMeter.other(before, meter.read())
+        other = OtherLoad.between(before, meter.read())
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -516,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         with sample_web(args.n, args.seed, root / "sampleweb") as web:
             urls, port = Path(web["urls"]), web["port"]
             print(f"sample web at {web['base_url']}; work folder {root}", flush=True)
-            meter = CpuMeter(web["pid"])
+            meter = OtherLoad(pids=(web["pid"],))  # the server is ours
             startup_s = cli_startup_seconds()
             if args.warmup_n > 0:
                 warm_n = min(args.warmup_n, args.n)

@@ -15,7 +15,6 @@ cluster) and the agreement of the dropped sets. Then the scaling between sizes.
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.metering import own_peak_rss_mib  # noqa: E402
 from dataprep.semdedup import ArraySource, SemanticConfig, greedy_within, semantic_dedup  # noqa: E402
 
 DIM = 512
@@ -92,7 +92,7 @@ def measure(n: int, cfg: SemanticConfig, repeats: int, brute_max: int, work: Pat
         "time_s": statistics.median(r[0] for r in runs),
         "times": [round(r[0], 2) for r in runs],
         "peak_mb": max(r[1] for r in runs) / 2**20,
-        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_mb": own_peak_rss_mib(),
         "clusters": result.clusters,
         "dropped": int((~result.keep).sum()),
         "largest_cluster": int(np.bincount(result.cluster).max()),

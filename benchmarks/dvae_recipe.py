@@ -7,29 +7,13 @@ reconstruction MSE, the codes used, and the share of reconstructions whose domin
 DALL-E samples cannot show a colour the dVAE does not reconstruct, so this is the first thing to
 get right for the colour target of the demo.
 
-    .venv/bin/python benchmarks/dvae_recipe.py                       # configs/models/dvae-tiny
+    .venv/bin/python benchmarks/dvae_recipe.py                       # dvae-tiny as configured
     .venv/bin/python benchmarks/dvae_recipe.py --set kl_weight=6.6 reconstruction=logit_laplace
     .venv/bin/python benchmarks/dvae_recipe.py --set downsampling=8 --steps 300 --lr 1e-3
 
-Measured (2 cores, shared): the paper's loss (logit-Laplace, KL weight 6.6) or 8x downsampling
-reconstruct shapes in gray after 300-600 steps (colour 0.00-0.01); MSE, no KL term, 4x
-downsampling, lr 1e-2, 600 steps of 64: MSE 0.004-0.006, colour 0.59-0.67 (originals 0.98), but
-only ~20 of the 512 codes in use, and small shapes lose their colour. A small KL weight keeps the
-codebook in use: 0.01 -> 57 codes, colour 0.77; 0.02 -> 100, 0.77 (dvae-tiny); 0.03 -> 175, 0.80;
-0.1 -> 0.59. Hidden width 32 (lr 3e-3) without KL: 0.75 at twice the time.
-These figures use AdamW's default betas (0.9, 0.999); configs/dvae-tiny.yaml trains with beta2
-0.99, which recovered from a gradient spike that collapsed the codebook under DeepSpeed bf16.
-
-Seed spread, beta2 0.99 (the default here), seeds 0 / 1, colour on 256 held-out images:
-dvae-tiny with a 20-step warm-up 0.73 / 0.74; KL 0.03 0.75 / 0.77; KL 0.05 0.75 / 0.77; K 1024
-0.83 / 0.76 at 1.4x the time; hidden 24 collapsed (6 codes, 0.18) / 0.83 at 1.5x the time; KL
-0.03 with the temperature annealed over 400 steps 0.73 / collapsed (3 codes, 0.00). Both
-collapses happen in the first ~20 steps (lr at 1e-2, KL weight still ~0: 3 codes in use at step
-20, never recovering). ``--warmup 100``: dvae-tiny 0.75 / 0.80, and the two collapsed runs keep
-their codebooks (0.86 and 0.71): configs/dvae-tiny.yaml warms up over 100 steps. It also trains
-at lr 5e-3 (1e-2 collapsed under the engine in a demo); ``--lr 5e-3 --warmup 100`` matches it,
-the defaults here are the settings the figures above were measured with. All of them are for
-width 16; dvae-tiny is now 24 wide (configs/dvae-tiny.yaml), ``--set hidden=16`` for the above.
+What it measured, and how that shaped configs/dvae-tiny.yaml: docs/recipes.md (dvae-tiny). The
+defaults here are the settings those figures were measured with; they were taken at width 16
+(``--set hidden=16``).
 """
 
 from __future__ import annotations

@@ -1,30 +1,18 @@
 """Embedding stage throughput against the bare model forward, in the same run.
 
-Writes sample-web shards as the crawl stores them (64 px JPEGs, WebDataset tars, stats) into a
-local store and runs the filter stage on them (not timed). Then, alternating, for ``--repeats``
-rounds:
-
-- stage: ``embed_shard`` over every shard, what each Ray actor of the embed stage runs per shard:
-  read the tar from the store, decode, transform, forward image and text towers, write the
-  ``.npy`` files and the table;
-- forward: ``Embedder.forward`` on the same samples, already decoded and transformed in memory.
-
-It prints images/s of both (medians) and their ratio: the share of the model's speed the stage
-keeps, i.e. what reading, decoding and writing cost. Weights do not change the speed: the model is
-randomly initialised unless ``--weights`` is given.
+Alternating for ``--repeats`` rounds: ``embed_shard`` over crawl-shaped sample-web shards in a
+local store (read, decode, transform, both towers, write), and ``Embedder.forward`` on the same
+samples already decoded in memory. Prints images/s of both (medians) and their ratio (target
+>= 0.8); ``--profile`` then times each part of the stage alone. See docs/benchmarks.md.
 
     .venv/bin/python benchmarks/embed.py                        # clip-tiny at 64 px
     .venv/bin/python benchmarks/embed.py --model ViT-B-32 --shards 2 --per-shard 128
     .venv/bin/python benchmarks/embed.py --profile    # and where the stage's time goes
-
-``--profile`` then runs each part of the stage on its own, one after the other, over the same
-shards, and prints wall and CPU milliseconds per shard of each.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import statistics
@@ -40,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.metering import Timers  # noqa: E402
 from dataprep.crawl import PLAN_KEY, CrawlPlan  # noqa: E402
 from dataprep.crawl_status import ShardStats  # noqa: E402
 from dataprep.embed import (  # noqa: E402
@@ -121,21 +110,6 @@ def time_stage(
     return time.perf_counter() - started
 
 
-class Timers:
-    """Wall and CPU seconds (this process, all threads) per named part."""
-
-    def __init__(self) -> None:
-        self.wall: dict[str, float] = {}
-        self.cpu: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        wall, cpu = time.perf_counter(), time.process_time()
-        yield
-        self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - wall
-        self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - cpu
-
-
 def profile_stage(staging: Staging, shards: int, embedder: Embedder) -> Timers:
     """The stage's parts one after the other, each timed: what prefetching has to hide."""
     t = Timers()
@@ -200,7 +174,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         weights = args.weights
         if weights is None:
-            from training.models.clip import create_clip
+            from dataprep.clip_models import create_clip
 
             weights = f"{tmp}/random.pt"
             torch.save(create_clip(args.model).model.state_dict(), weights)

@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.metering import Timers  # noqa: E402
 from dataprep.build import build_after_crawl  # noqa: E402
 from dataprep.crawl import crawl_shards, prepare_crawl  # noqa: E402
 from dataprep.quality import BuildQuality, build_quality  # noqa: E402
@@ -90,14 +90,11 @@ def main() -> None:
     print(f"{'seed':<8}" + "".join(f"{name:>17}" for name, _, _ in TARGETS))
     pooled = BuildQuality()
     for seed in args.seeds:
-        started = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix=f"quality-{seed}-") as tmp:
+        timers = Timers()
+        with timers("corpus"), tempfile.TemporaryDirectory(prefix=f"quality-{seed}-") as tmp:
             quality = build_corpus(seed, args.samples, cfg, scorer, Path(tmp))
         pooled = pooled + quality
-        print(
-            row(str(seed), quality.figures()) + f"   ({time.perf_counter() - started:.0f} s)",
-            flush=True,
-        )
+        print(row(str(seed), quality.figures()) + f"   ({timers.wall['corpus']:.0f} s)", flush=True)
     figures = pooled.figures()
     print(row("pooled", figures))
     bounds = "".join(f"{('>=' if least else '<=')} {bound:<14}" for _, bound, least in TARGETS)
