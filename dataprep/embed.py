@@ -30,6 +30,7 @@ import pyarrow as pa
 from PIL import Image
 
 from dataprep.filters import STAGE as FILTER
+from dataprep.ray_session import init_ray
 from dataprep.stage_config import EmbedConfig, ScoreConfig
 from dataprep.stages import KEPT, StageError, StageStats, Staging, fingerprint
 from dataprep.store import ObjectNotFound
@@ -319,8 +320,7 @@ def _map_on_ray(staging: Staging, shards: list[int], cfg: EmbedConfig, fp: str):
     import ray
     from ray.util import ActorPool
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=True)
+    init_ray(cfg.ray_address)
     actor_class = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)(
         _ShardEmbedder
     )

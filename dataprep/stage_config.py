@@ -121,7 +121,7 @@ class EmbedConfig(BaseModel):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
     threads_per_worker: int = Field(1, ge=1)  # torch intra-op threads in an actor
-    ray_address: str | None = None  # None: the current Ray, or a new local one
+    ray_address: str | None = None  # None: a private local Ray (in a Ray Job: its cluster)
 
 
 class ScoreConfig(BaseModel):

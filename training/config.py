@@ -97,7 +97,8 @@ class ScaleConfig(_Strict):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, ge=1)
-    ray_address: str | None = None  # None: a local Ray instance; "auto" or ray://host:10001
+    # None: a private local Ray (in a Ray Job, the job's cluster); or "auto", host:port, ray://...
+    ray_address: str | None = None
     max_failures: int = Field(1, ge=0)  # worker failures retried from the latest checkpoint
 
 
@@ -148,5 +149,5 @@ class EncodeConfig(_Strict):
     batch_size: int = Field(256, ge=1)
     cpus_per_task: int = Field(1, ge=1)
     max_retries: int = Field(2, ge=0)
-    ray_address: str | None = None  # None: a local Ray (or the one already running)
+    ray_address: str | None = None  # None: a private local Ray (in a Ray Job: its cluster)
     store: StoreConfig = StoreConfig()  # S3 settings for s3:// URIs

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from dataprep.ray_session import init_ray
 from dataprep.store import (
     ObjectStore,
     S3Settings,
@@ -138,8 +139,7 @@ def encode_dataset(cfg: EncodeConfig) -> list[ShardCodes]:
 
     found = resolve_shards(DataConfig(source=cfg.source), cfg.store.s3)
     shards = [s.uri for s in found if s.samples != 0]
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=True)
+    init_ray(cfg.ray_address)
     task = ray.remote(num_cpus=cfg.cpus_per_task, max_retries=cfg.max_retries)(_encode_one)
     cfg_json = cfg.model_dump_json()
     return ray.get([task.remote(uri, cfg_json) for uri in shards])

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dataprep.ray_session import init_ray
 from dataprep.state import state_dir
 from training.config import TrainConfig
 from training.parallel import (
@@ -62,18 +63,11 @@ def launch(cfg: TrainConfig, echo_steps: bool = True) -> TrainResult:
     ``echo_steps``: rank 0 prints a line per logged step (through Ray to this driver); callers
     that tail metrics.jsonl themselves (the Prefect flows) turn it off.
     """
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     validate(cfg)
-    if not ray.is_initialized():
-        ray.init(
-            address=cfg.scale.ray_address,
-            include_dashboard=False,
-            runtime_env={"env_vars": worker_env(cfg)},
-            log_to_driver=True,
-        )
+    init_ray(cfg.scale.ray_address, runtime_env={"env_vars": worker_env(cfg)})
     store = cfg.store.open()
     fs, runs_path = store.arrow_filesystem("runs")
     trainer = TorchTrainer(

@@ -172,3 +172,26 @@ def test_help_is_quick():
         result = subprocess.run([mmpipe_script, *args], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
         assert time.monotonic() - started < 5  # generous: under 1.5 s on a quiet machine
+
+
+@pytest.mark.slow
+def test_train_starts_its_own_ray_despite_a_stale_cluster_record(local_store, tmp_path):
+    import os
+
+    from tests.dataprep.test_ray_session import stale_ray_tmpdir
+    from tests.training.test_engine import write_shards
+
+    write_shards(local_store, "data")
+    ray_tmp = stale_ray_tmpdir()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env |= {"RAY_TMPDIR": str(ray_tmp), "MMPIPE_STATE_DIR": str(tmp_path / "state")}
+    result = mmpipe(
+        "train", "clip", "--config", "configs/clip-tiny.yaml",
+        "--data", f"{local_store.root_uri}/data/", f"store.url={local_store.root_uri}",
+        "name=stale", "steps=2", "log_every=1", "scale.num_workers=1", "data.workers=0",
+        "eval.heldout_samples=16", "engine.micro_batch_size=16",
+        env=env, timeout=300,
+    )  # fmt: skip
+    subprocess.run(["rm", "-rf", str(ray_tmp)], check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert local_store.list("runs/stale/export/")
