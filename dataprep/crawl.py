@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from dataprep.crawl_status import KEPT, MISSING, CrawlSummary, ShardStats, reason_for
+from dataprep.errors import MmpipeError
 from dataprep.stage_config import CrawlConfig
 from dataprep.store import ObjectNotFound, ObjectStore
 from dataprep.url_list import fingerprint, read_url_list
@@ -35,7 +36,7 @@ OOM_SHARD_COUNT = 5  # shard names are 5 digits, as img2dataset writes them
 PLAN_KEY = "_plan.json"
 
 
-class CrawlError(RuntimeError):
+class CrawlError(MmpipeError, RuntimeError):
     pass
 
 

@@ -31,6 +31,7 @@ from pydantic import BaseModel
 
 from dataprep.dedup import STAGE as DEDUP
 from dataprep.embed import SCORE
+from dataprep.errors import MmpipeError
 from dataprep.filters import STAGE as FILTER
 from dataprep.stage_config import PublishConfig
 from dataprep.stages import StageSummary, Staging
@@ -39,7 +40,7 @@ from dataprep.store import ObjectNotFound, ObjectStore
 MANIFEST = "manifest.json"
 
 
-class PublishError(RuntimeError):
+class PublishError(MmpipeError, RuntimeError):
     pass
 
 

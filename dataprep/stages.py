@@ -31,13 +31,14 @@ from pydantic import BaseModel
 
 from dataprep.crawl import PLAN_KEY, CrawlPlan, shard_name
 from dataprep.crawl_status import ShardStats
+from dataprep.errors import MmpipeError
 from dataprep.store import ObjectNotFound, ObjectStore, StoreError
 
 KEPT = "kept"
 CRAWL = "crawl"
 
 
-class StageError(RuntimeError):
+class StageError(MmpipeError, RuntimeError):
     """A stage's input is missing or unreadable; the message names the object."""
 
 

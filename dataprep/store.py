@@ -40,6 +40,8 @@ from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
 )
 
+from dataprep.errors import MmpipeError
+
 MiB = 1024 * 1024
 _COPY_BUFFER = MiB
 
@@ -79,7 +81,7 @@ class S3Settings(pydantic.BaseModel):
         return self
 
 
-class StoreError(RuntimeError):
+class StoreError(MmpipeError, RuntimeError):
     """A storage operation failed; the message names the URI involved."""
 
 
@@ -87,21 +89,25 @@ class ObjectNotFound(StoreError):
     """The object at the given key does not exist."""
 
 
+class InvalidKey(StoreError, ValueError):
+    """A key that would leave the store root or differ between backends."""
+
+
 def _check_key(key: str) -> str:
-    """Return ``key`` if it is a safe relative key; raise ValueError otherwise.
+    """Return ``key`` if it is a safe relative key; raise InvalidKey otherwise.
 
     Rejecting absolute paths and '..' keeps every key inside the store root, and
     rejecting empty/'.' segments keeps keys identical on both backends.
     """
     if not isinstance(key, str) or not key:
-        raise ValueError(f"invalid store key {key!r}: must be a non-empty string")
+        raise InvalidKey(f"invalid store key {key!r}: must be a non-empty string")
     if key.startswith("/"):
-        raise ValueError(f"invalid store key {key!r}: must be relative, not absolute")
+        raise InvalidKey(f"invalid store key {key!r}: must be relative, not absolute")
     for part in key.split("/"):
         if part in ("", ".", ".."):
-            raise ValueError(f"invalid store key {key!r}: empty, '.' or '..' path segment")
+            raise InvalidKey(f"invalid store key {key!r}: empty, '.' or '..' path segment")
         if _TEMP_NAME.match(part):
-            raise ValueError(f"invalid store key {key!r}: reserved temporary-file name")
+            raise InvalidKey(f"invalid store key {key!r}: reserved temporary-file name")
     return key
 
 

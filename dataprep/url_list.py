@@ -11,12 +11,13 @@ import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
+from dataprep.errors import MmpipeError
 from dataprep.store import local_path
 
 FORMATS = ("parquet", "csv", "tsv", "jsonl", "txt")
 
 
-class UrlListError(ValueError):
+class UrlListError(MmpipeError, ValueError):
     """A URL list that cannot be read; the message names the file and the fix."""
 
 

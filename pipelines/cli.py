@@ -7,6 +7,7 @@ each command imports what it runs (Prefect, Ray, torch) itself.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -289,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Overrides are dotted key=value pairs, e.g. crawl.threads=32 store.url=s3://b/p",
     )
+    parser.add_argument(
+        "--debug", action="store_true", help="print tracebacks with errors (or MMPIPE_DEBUG=1)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -462,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
             check_prefect_api()  # commands that run flows fail fast when the API is not there
         return args.func(args)
 
-    return run_reporting_errors(run)
+    debug = args.debug or os.environ.get("MMPIPE_DEBUG") == "1"
+    return run_reporting_errors(run, debug=debug)
 
 
 if __name__ == "__main__":

@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dataprep.errors import MmpipeError
 from dataprep.state import state_dir
 from pipelines.config import BuildConfig, ConfigError, load_config
-from pipelines.server import ConnectionProblem
 
 if TYPE_CHECKING:
     from training.config import TrainConfig
-
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, ConnectionProblem)
 
 
 def prepare_environment() -> None:
@@ -49,36 +48,19 @@ def check_prefect_api() -> None:
         check_api(url)
 
 
-def _stage_errors() -> tuple[type[Exception], ...]:
-    """The build's errors whose message says it all; imported once one is raised (their modules
-    import pyarrow and img2dataset's neighbours)."""
-    from dataprep.crawl import CrawlError
-    from dataprep.publish import PublishError
-    from dataprep.stages import StageError
-    from dataprep.store import StoreError
-    from dataprep.url_list import UrlListError
-
-    return CrawlError, StoreError, UrlListError, PublishError, StageError
-
-
-def run_reporting_errors(run: Callable[[], int]) -> int:
-    """`run()`'s exit code; a user error is one line on stderr and code 2, Ctrl-C code 130."""
+def run_reporting_errors(run: Callable[[], int], debug: bool = False) -> int:
+    """`run()`'s exit code; mmpipe's own errors are one line on stderr and code 2 (with their
+    traceback when `debug`), Ctrl-C is code 130."""
     try:
         return run()
-    except USER_ERRORS as err:
-        return _refuse(err)
+    except MmpipeError as err:
+        if debug:
+            traceback.print_exc()
+        print(f"mmpipe: error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("mmpipe: interrupted", file=sys.stderr)
         return 130
-    except Exception as err:
-        if isinstance(err, _stage_errors()):
-            return _refuse(err)
-        raise
-
-
-def _refuse(err: Exception) -> int:
-    print(f"mmpipe: error: {err}", file=sys.stderr)
-    return 2
 
 
 def build_with_progress(config: BuildConfig, label: str = ""):

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from dataprep.errors import MmpipeError
 from dataprep.stage_config import (
     CrawlConfig,
     DedupConfig,
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from dataprep.build import StagesConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(MmpipeError, ValueError):
     """A config that cannot be used; the message names the file, field and value."""
 
 

@@ -8,6 +8,7 @@ inputs as the head sees them, and trained through its Prefect flow as `mmpipe tr
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from pipelines.commands import (
@@ -28,7 +29,7 @@ def main(argv: list[str]) -> int:
         train_with_progress(train_config(spec, None, values=json.loads(config_json)))
         return 0
 
-    return run_reporting_errors(run)
+    return run_reporting_errors(run, debug=os.environ.get("MMPIPE_DEBUG") == "1")
 
 
 if __name__ == "__main__":

@@ -24,12 +24,13 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dataprep.errors import MmpipeError
 from dataprep.state import state_dir
 
 HEALTH_TIMEOUT_S = 2.0
 
 
-class ConnectionProblem(RuntimeError):
+class ConnectionProblem(MmpipeError, RuntimeError):
     """A server or cluster mmpipe cannot reach; the message says what to do about it."""
 
 

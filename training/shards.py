@@ -19,6 +19,7 @@ from typing import Any, BinaryIO
 import braceexpand
 import pydantic
 
+from dataprep.errors import MmpipeError
 from dataprep.store import (
     ObjectNotFound,
     ObjectStore,
@@ -36,7 +37,7 @@ _META_FILE = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, not
 _IO_THREADS = 16  # concurrent stats reads / tar scans while resolving shards
 
 
-class DataError(RuntimeError):
+class DataError(MmpipeError, RuntimeError):
     """The training data can't be used as configured; the message names the URI involved."""
 
 

@@ -83,6 +83,20 @@ def test_demo_serves_crawls_reports_and_stops_the_server(tmp_path):
         socket.create_connection(("127.0.0.1", port), timeout=1)
 
 
+def test_project_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
+    store = ["--store", f"file://{tmp_path}/store"]
+    quiet = mmpipe("datasets", "show", "../../../etc@v1", *store)
+    assert quiet.returncode == 2
+    assert quiet.stderr.strip().splitlines() == [
+        "mmpipe: error: invalid store key 'datasets/../../../etc/v1/manifest.json': empty, '.' "
+        "or '..' path segment"
+    ]
+    debug = mmpipe("--debug", "datasets", "show", "../../../etc@v1", *store)
+    assert debug.returncode == 2
+    assert "Traceback" in debug.stderr and "InvalidKey" in debug.stderr
+    assert debug.stderr.strip().splitlines()[-1].startswith("mmpipe: error: invalid store key")
+
+
 def test_train_with_inconsistent_batch_sizes_fails_fast_and_clearly():
     started = time.monotonic()
     result = mmpipe(
