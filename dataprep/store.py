@@ -173,6 +173,11 @@ class ObjectStore(abc.ABC):
     def arrow_filesystem(self, prefix: str = "") -> tuple[Any, str]:
         """(pyarrow FileSystem, path) of ``prefix``: for libraries that take one (Ray Train)."""
 
+    @abc.abstractmethod
+    def check_reachable(self, timeout_s: float = 5.0) -> None:
+        """Fail at once (StoreError) if the store cannot be reached: one clear line before a
+        build starts, instead of every task retrying an endpoint that is down."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.root_uri!r})"
 
@@ -290,6 +295,9 @@ class LocalStore(ObjectStore):
                     keys.append(key)
         return sorted(keys)
 
+    def check_reachable(self, timeout_s: float = 5.0) -> None:
+        pass  # a folder on this machine: nothing to reach
+
     def delete(self, key: str) -> None:
         path = self._path(key)
         with self._errors(key, reading=False), contextlib.suppress(FileNotFoundError):
@@ -351,14 +359,16 @@ class S3Store(ObjectStore):
                 self._client_obj = self._make_client()
             return self._client_obj
 
-    def _make_client(self) -> Any:
+    def _make_client(self, probe_timeout_s: float | None = None) -> Any:
+        """The client; with ``probe_timeout_s``, one attempt with that timeout (a probe)."""
         s = self.settings
+        attempts = 1 if probe_timeout_s else s.max_attempts
         config = Config(
             # total_max_attempts counts the first try; botocore's "max_attempts" key
             # would count retries only (one more request than configured).
-            retries={"total_max_attempts": s.max_attempts, "mode": "standard"},
-            connect_timeout=s.connect_timeout_s,
-            read_timeout=s.read_timeout_s,
+            retries={"total_max_attempts": attempts, "mode": "standard"},
+            connect_timeout=probe_timeout_s or s.connect_timeout_s,
+            read_timeout=probe_timeout_s or s.read_timeout_s,
             # Custom endpoints (MinIO, moto, Ceph) usually have no wildcard DNS for
             # virtual-hosted buckets ("bucket.minio:9000"), so address buckets by path.
             s3={"addressing_style": "path"} if self._custom_endpoint() else None,
@@ -397,7 +407,7 @@ class S3Store(ObjectStore):
         return f"{self.prefix}/{key}" if self.prefix else key
 
     @contextlib.contextmanager
-    def _errors(self, uri: str) -> Iterator[None]:
+    def _errors(self, uri: str, attempts: int | None = None) -> Iterator[None]:
         """Translate boto errors (raised after botocore's retries) into StoreErrors."""
         try:
             yield
@@ -412,7 +422,7 @@ class S3Store(ObjectStore):
         except (BotoConnectionError, HTTPClientError) as e:
             raise StoreError(
                 f"cannot reach S3 endpoint {self._endpoint()} for {uri} "
-                f"(max_attempts={self.settings.max_attempts}): {e}; check "
+                f"({attempts or self.settings.max_attempts} attempts): {e}; check "
                 "store.s3.endpoint_url / AWS_ENDPOINT_URL and that the service is up"
             ) from e
         except NoCredentialsError as e:
@@ -498,6 +508,12 @@ class S3Store(ObjectStore):
                     if key and not key.endswith("/"):
                         keys.append(key)
         return sorted(keys)
+
+    def check_reachable(self, timeout_s: float = 5.0) -> None:
+        probe = self._make_client(probe_timeout_s=timeout_s)
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        with self._errors(self.root_uri, attempts=1):
+            probe.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=1)
 
     def delete(self, key: str) -> None:
         # S3 DELETE of a missing key already succeeds silently.

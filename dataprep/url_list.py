@@ -61,21 +61,26 @@ def read_url_list(uri: str, url_col: str = "url", caption_col: str | None = "cap
 
 
 def check_url_list(uri: str, url_col: str = "url", caption_col: str | None = "caption") -> None:
-    """Fail fast, before any flow starts, on a URL list that is missing or lacks its columns."""
+    """Fail fast, before any flow starts, on a URL list that is missing, empty or lacks its
+    columns."""
     path = _local_file(uri)
     if detect_format(path) == "parquet":
         try:
-            names = pq.read_schema(path).names
+            metadata = pq.read_metadata(path)
         except (pa.ArrowInvalid, OSError) as err:
             raise UrlListError(f"cannot read URL list {uri} as parquet: {err}") from None
+        names = metadata.schema.names
         missing = [c for c in (url_col, caption_col) if c is not None and c not in names]
         if missing:
             raise UrlListError(
                 f"URL list {uri} has no column {missing[0]!r} (columns: {names}); "
                 "set crawl.url_col / crawl.caption_col"
             )
+        rows = metadata.num_rows
     else:
-        read_url_list(uri, url_col, caption_col)
+        rows = len(read_url_list(uri, url_col, caption_col))
+    if rows == 0:
+        raise UrlListError(f"URL list {uri} has no rows: nothing to build")
 
 
 def _read(path: Path, fmt: str, url_col: str) -> pa.Table:

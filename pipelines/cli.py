@@ -31,6 +31,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from dataprep.url_list import check_url_list
 
     check_url_list(config.urls, config.crawl.url_col, config.crawl.caption_col)
+    config.store.open().check_reachable()
     build_with_progress(config)
     return 0
 

@@ -534,6 +534,24 @@ def test_s3_unreachable_endpoint_gives_clear_error() -> None:
     assert not isinstance(info.value, ObjectNotFound)
 
 
+def test_check_reachable_gives_up_after_one_short_try() -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    settings = S3Settings(
+        endpoint_url=endpoint, region="us-east-1", access_key_id="t", secret_access_key="t"
+    )  # 8 attempts, 5 s connect timeout: a minute of retries for every other request
+    store = open_store("s3://bucket/prefix", settings)
+    started = time.monotonic()
+    with pytest.raises(StoreError, match=f"cannot reach S3 endpoint {endpoint}.*1 attempts"):
+        store.check_reachable(timeout_s=1)
+    assert time.monotonic() - started < 5
+
+
+def test_check_reachable_passes_on_a_live_store(store: ObjectStore, moto_s3: MotoS3) -> None:
+    store.check_reachable()
+    with pytest.raises(StoreError, match="bucket 'no-such-bucket-here' does not exist"):
+        open_store("s3://no-such-bucket-here/p", moto_s3.settings()).check_reachable()
+
+
 def test_s3_missing_bucket_is_a_clear_error(moto_s3: MotoS3) -> None:
     store = open_store("s3://no-such-bucket-here/p", moto_s3.settings())
     with pytest.raises(StoreError, match="bucket 'no-such-bucket-here' does not exist"):

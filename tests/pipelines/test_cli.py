@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port
+
 
 def mmpipe(*args, env=None, timeout=120):
     return subprocess.run(
@@ -68,6 +70,31 @@ def test_missing_url_list_is_a_clear_error(tmp_path):
     assert result.stderr.strip() == (
         f"mmpipe: error: URL list {tmp_path}/none.parquet does not exist"
     )
+
+
+def test_empty_url_lists_and_unreachable_stores_are_refused_before_any_task(tmp_path):
+    env = {"MMPIPE_STATE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    (tmp_path / "empty.csv").write_text("url,caption\n")
+    (tmp_path / "one.txt").write_text("http://127.0.0.1:9/a.jpg\n")
+    build = ["build", "--config", "configs/demo.yaml"]
+    empty = mmpipe(*build, f"urls={tmp_path}/empty.csv", env=env)
+    assert empty.returncode == 2
+    assert (
+        empty.stderr.strip()
+        == f"mmpipe: error: URL list {tmp_path}/empty.csv has no rows: nothing to build"
+    )
+
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.monotonic()
+    down = mmpipe(
+        *build, f"urls={tmp_path}/one.txt", "crawl.caption_col=null", "store.url=s3://b/p",
+        f"store.s3.endpoint_url={endpoint}", "store.s3.access_key_id=t",
+        "store.s3.secret_access_key=t", "store.s3.region=us-east-1", env=env,
+    )  # fmt: skip
+    assert down.returncode == 2
+    [line] = down.stderr.strip().splitlines()
+    assert line.startswith(f"mmpipe: error: cannot reach S3 endpoint {endpoint} for s3://b/p")
+    assert time.monotonic() - started < 30  # one probe, no Prefect, no retries
 
 
 @pytest.mark.slow
