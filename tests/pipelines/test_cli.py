@@ -216,7 +216,7 @@ def test_help_is_quick():
 
 
 @pytest.mark.slow
-def test_train_starts_its_own_ray_despite_a_stale_cluster_record(local_store, tmp_path):
+def test_train_starts_its_own_ray_despite_a_stale_record_and_stays_quiet(local_store, tmp_path):
     import os
 
     from tests.dataprep.test_ray_session import stale_ray_tmpdir
@@ -236,3 +236,4 @@ def test_train_starts_its_own_ray_despite_a_stale_cluster_record(local_store, tm
     subprocess.run(["rm", "-rf", str(ray_tmp)], check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert local_store.list("runs/stale/export/")
+    assert "PlacementGroupCleaner" not in result.stdout + result.stderr  # Ray's monitor noise
