@@ -19,6 +19,10 @@ _DOWNLOAD_REASONS: list[tuple[str, str]] = [
     (r"\[url_policy\]", "url_policy"),
     (r"\[deadline\]", "deadline_exceeded"),
     (r"\[too_large\]", "too_large"),
+    (r"\[too_many_redirects\]", "too_many_redirects"),
+    (r"\[incomplete_body\]", "incomplete_body"),
+    (r"\[encoding_error\]", "encoding_error"),
+    (r"\[invalid_url\]", "invalid_url"),
     (r"HTTP Error (\d{3})", r"http_\1"),
     (r"X-Robots-Tag", "opted_out"),
     (r"hash mismatch", "hash_mismatch"),
@@ -27,7 +31,8 @@ _DOWNLOAD_REASONS: list[tuple[str, str]] = [
     (r"CERTIFICATE_VERIFY_FAILED|SSL|TLS", "tls_error"),
     (r"timed out", "timeout"),
     (r"Connection refused", "connection_refused"),
-    (r"IncompleteRead|Remote end closed|Connection reset|Connection aborted", "connection_error"),
+    (r"IncompleteRead", "incomplete_body"),
+    (r"Remote end closed|Connection reset|Connection aborted", "connection_error"),
 ]
 _RESIZE_REASONS: list[tuple[str, str]] = [
     (r"\[decompression_bomb\]", "decompression_bomb"),

@@ -1,4 +1,7 @@
-"""Reading URL lists: parquet, csv, tsv, jsonl or txt files with `url` and `caption` columns."""
+"""Reading URL lists: parquet, csv, tsv, jsonl or txt files with `url` and `caption` columns.
+
+A txt list is one URL per line and has no captions: its samples get "".
+"""
 
 from __future__ import annotations
 
@@ -41,11 +44,14 @@ def read_url_list(uri: str, url_col: str = "url", caption_col: str | None = "cap
     """Read a URL list as a table with string columns `url` and `caption` (in input order).
 
     Rows keep their order, since a crawl's shard i is rows [i*N, (i+1)*N). A missing caption
-    column is an error when `caption_col` is set; null captions become "".
+    column is an error when `caption_col` is set, except in txt lists, which have none; null
+    captions become "".
     """
     path = _local_file(uri)
     fmt = detect_format(path)
     table = _read(path, fmt, url_col)
+    if fmt == "txt":
+        caption_col = None
     for col in (url_col, caption_col):
         if col is not None and col not in table.column_names:
             raise UrlListError(
@@ -93,7 +99,9 @@ def _read(path: Path, fmt: str, url_col: str) -> pa.Table:
             return pa_csv.read_csv(path, parse_options=pa_csv.ParseOptions(delimiter="\t"))
         if fmt == "jsonl":
             return pa_json.read_json(path)
-        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        lines = [
+            line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+        ]
         return pa.table({url_col: pa.array(lines, pa.string())})
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as err:
         raise UrlListError(f"cannot read URL list {path} as {fmt}: {err}") from None

@@ -174,7 +174,8 @@ def sample_web(tmp_path_factory) -> Iterator[SampleWeb]:
     from dataprep.sampleweb import SampleWebServer, generate_corpus, write_url_list
 
     specs = generate_corpus(240, seed=3)
-    with SampleWebServer(specs, drip_max_s=30) as server:
+    # Rendered up front: the bomb takes ~0.6 s to render, past a crawl deadline on a busy machine.
+    with SampleWebServer(specs, drip_max_s=30, prerender=True) as server:
         urls = write_url_list(specs, server, tmp_path_factory.mktemp("web") / "urls.parquet")
         yield SampleWeb(specs, server, str(urls))
 

@@ -1,7 +1,8 @@
 """The sample web: a deterministic captioned-image corpus with labelled faults, served on loopback.
 
-See :mod:`dataprep.sampleweb.corpus` (specs, rendering, ground truth) and
-:mod:`dataprep.sampleweb.server` (HTTP server, URL list, ``serve_forever``).
+See :mod:`dataprep.sampleweb.corpus` (specs, rendering, ground truth),
+:mod:`dataprep.sampleweb.server` (HTTP server, URL list, ``serve_forever``) and
+:mod:`dataprep.sampleweb.zoo` (odd real-world URLs, each with its expected crawl outcome).
 """
 
 from dataprep.sampleweb.corpus import (
@@ -28,6 +29,7 @@ from dataprep.sampleweb.server import (
     write_ground_truth,
     write_url_list,
 )
+from dataprep.sampleweb.zoo import ZOO_CASES, ZooCase, write_zoo_url_list, zoo_table
 
 __all__ = [
     "BACKGROUNDS",
@@ -43,6 +45,8 @@ __all__ = [
     "SIZES",
     "SampleSpec",
     "SampleWebServer",
+    "ZOO_CASES",
+    "ZooCase",
     "generate_corpus",
     "ground_truth_table",
     "make_caption",
@@ -50,4 +54,6 @@ __all__ = [
     "serve_forever",
     "write_ground_truth",
     "write_url_list",
+    "write_zoo_url_list",
+    "zoo_table",
 ]

@@ -4,6 +4,7 @@ Routes:
   ``GET|HEAD /img/<key>.jpg`` (``.png`` for the bomb)  the sample's URL, behaving per its fault
   ``GET|HEAD /content/<key>.jpg``  image behind a ``redirect_ok`` / ``forbidden_redirect``
   ``GET|HEAD /healthz``  200 "ok"
+  ``GET|HEAD /zoo/...``  the URL zoo (:mod:`dataprep.sampleweb.zoo`), named only by its own list
 Anything else is 404.
 """
 
@@ -34,12 +35,15 @@ from dataprep.sampleweb.corpus import (
     ground_truth_table,
     render_image,
 )
+from dataprep.sampleweb.zoo import (
+    ZOO_PREFIX,
+    ZooResponse,
+    other_loopback,
+    write_zoo_url_list,
+    zoo_response,
+)
 
 _QUIET_ERRORS = (ConnectionError, TimeoutError, OSError)
-
-
-def _other_loopback(host: str) -> str:
-    return "127.0.0.3" if host == "127.0.0.2" else "127.0.0.2"
 
 
 def _as_decimal(ip: str) -> str:
@@ -115,9 +119,14 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, head: bool) -> None:
         app = self.server.app
         try:
-            path = urlsplit(self.path).path
+            target = urlsplit(self.path)
+            path = target.path
             if path == "/healthz":
                 self._send(200, b"ok\n", head=head)
+                return
+            if path.startswith(ZOO_PREFIX):
+                credentials = "Authorization" in self.headers
+                self._send_zoo(zoo_response(path, target.query, credentials), head)
                 return
             route = app._routes.get(path)
             if route is None:
@@ -148,6 +157,27 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
             self._send(200, app.payload(spec), spec.content_type, head=head)
+
+    def _send_zoo(self, answer: ZooResponse, head: bool) -> None:
+        if not (answer.promised_extra or answer.cut_chunked):
+            self._send(answer.status, answer.body, answer.content_type, head, answer.headers)
+            return
+        self.close_connection = True  # the body is cut short by closing the connection
+        self.send_response(answer.status)
+        self.send_header("Content-Type", answer.content_type)
+        for name, value in answer.headers:
+            self.send_header(name, value)
+        if answer.cut_chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(len(answer.body) + answer.promised_extra))
+        self.end_headers()
+        if head:
+            return
+        if answer.cut_chunked:  # one chunk holding the whole body, and no last (empty) chunk
+            self.wfile.write(f"{len(answer.body):x}\r\n".encode() + answer.body + b"\r\n")
+        else:
+            self.wfile.write(answer.body)
 
     def _drip(self, body: bytes, ctype: str, head: bool) -> None:
         app = self.server.app
@@ -287,7 +317,7 @@ class SampleWebServer:
         if spec.variant == "other_port":
             other = port + 1 if port < 65535 else port - 1
             return f"http://{self.host}:{other}{target}"
-        other_ip = _other_loopback(self.host)
+        other_ip = other_loopback(self.host)
         if spec.variant == "decimal_ip":
             return f"http://{_as_decimal(other_ip)}:{port}{target}"
         return f"http://{other_ip}:{port}{target}"
@@ -348,14 +378,17 @@ def serve_forever(
     *,
     fault_rates: dict[str, float] | None = None,
     stop_event: threading.Event | None = None,
+    zoo: bool = False,
 ) -> dict:
     """Serve a generated corpus until SIGINT/SIGTERM (or ``stop_event`` is set).
 
     Writes ``out_dir/urls.parquet`` and ``out_dir/ground_truth.parquet``, pre-renders all
     payloads, starts listening, then writes ``ready_file`` (JSON, atomically) with ``base_url``,
     ``host``, ``port``, ``n``, ``seed``, ``urls`` and ``ground_truth`` (absolute paths), and prints
-    one line.  Returns that info dict after a clean stop.  Signal handlers are installed only when
-    called from the main thread; they are restored on return.
+    one line.  With ``zoo=True`` it also writes ``out_dir/zoo_urls.parquet`` (the URL zoo, with
+    each case's expected reason) and names it ``zoo_urls``.  Returns that info dict after a clean
+    stop.  Signal handlers are installed only when called from the main thread; they are
+    restored on return.
     """
     out = Path(out_dir).resolve()
     specs = generate_corpus(n, seed, fault_rates)
@@ -377,6 +410,10 @@ def serve_forever(
                 "urls": str(urls),
                 "ground_truth": str(truth),
             }
+            if zoo:
+                info["zoo_urls"] = str(
+                    write_zoo_url_list(web.host, web.port, out / "zoo_urls.parquet")
+                )
             if ready_file is not None:
                 _write_json_atomic(info, Path(ready_file))
             print(

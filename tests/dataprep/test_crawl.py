@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dataprep.crawl import CrawlConfig, CrawlError, crawl_shards, prepare_crawl, summarize
+from dataprep.sampleweb import ZOO_CASES, write_zoo_url_list
 from dataprep.store import open_store
 from dataprep.url_policy import UrlPolicy
 
@@ -155,6 +156,43 @@ def test_a_different_input_under_the_same_name_is_refused(crawled):
     _, server, urls, store, _, _ = crawled
     with pytest.raises(CrawlError, match="another URL list or with other output settings"):
         prepare_crawl(urls, store, PREFIX, crawl_config(server, image_size=64))
+
+
+@pytest.fixture(scope="module")
+def zoo_crawled(web, tmp_path_factory):
+    """The URL zoo (opt-in odd URLs, each with its expected reason), crawled on its own."""
+    _, server, _ = web
+    folder = tmp_path_factory.mktemp("zoo")
+    urls = write_zoo_url_list(server.host, server.port, folder / "zoo.parquet")
+    store = open_store(f"file://{folder / 'store'}")
+    plan, stats = crawl_all(store, str(urls), crawl_config(server), folder / "work")
+    return server, store, plan, stats
+
+
+def test_url_zoo_each_case_ends_with_its_expected_reason(zoo_crawled):
+    server, store, plan, stats = zoo_crawled
+    cases = {c.url_for(server.host, server.port): c for c in ZOO_CASES}
+    rows = sample_table(store, range(plan.shards))
+    assert sorted(r["url"] for r in rows) == sorted(cases)
+    outcomes = {cases[r["url"]].name: r["reason"] for r in rows}
+    assert outcomes == {c.name: c.expected for c in ZOO_CASES}
+    kept = [c for c in ZOO_CASES if c.expected == "success"]
+    assert (
+        summarize(stats).kept
+        == len(kept)
+        == sum(len(tar_samples(store, s)) for s in range(plan.shards))
+    )
+
+
+def test_txt_list_is_crawled_without_captions(web, tmp_path):
+    _, server, _ = web
+    path = tmp_path / "urls.txt"
+    zoo = {c.name: c.url_for(server.host, server.port) for c in ZOO_CASES}
+    path.write_text("".join(zoo[name].strip() + "\n" for name in ("iri_query", "gzip", "space")))
+    store = open_store(f"file://{tmp_path / 'store'}")
+    plan, stats = crawl_all(store, str(path), crawl_config(server), tmp_path / "work")
+    assert summarize(stats).kept == 3
+    assert {files["txt"] for files in tar_samples(store, 0).values()} == {b""}
 
 
 RESUME_SCRIPT = """

@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 import urllib.request
+import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, replace
@@ -31,6 +32,7 @@ from dataprep.sampleweb import (
     POSITIONS,
     SHAPES,
     SIZES,
+    ZOO_CASES,
     SampleWebServer,
     generate_corpus,
     ground_truth_table,
@@ -38,8 +40,10 @@ from dataprep.sampleweb import (
     serve_forever,
     write_ground_truth,
     write_url_list,
+    write_zoo_url_list,
 )
 from dataprep.sampleweb.corpus import POSITION_XY
+from dataprep.sampleweb.zoo import GZIP_BOMB_MIB, IRI_PATH, zoo_image
 
 N, SEED = 2000, 0
 
@@ -529,3 +533,91 @@ def test_client_disconnects_are_quiet(capfd):
         assert get(server, "/healthz")[0] == 200
     err = capfd.readouterr().err
     assert "Traceback" not in err and "Exception" not in err, err
+
+
+# ------------------------------------------------------------------ URL zoo
+
+
+def test_zoo_is_opt_in(web, specs, tmp_path):
+    urls = pq.read_table(write_url_list(specs, web, tmp_path / "urls.parquet"))["url"]
+    assert not any("/zoo/" in url for url in urls.to_pylist())
+
+
+def test_zoo_list_names_each_case_with_its_outcome(web, tmp_path):
+    table = pq.read_table(write_zoo_url_list(web.host, web.port, tmp_path / "zoo.parquet"))
+    assert table.column_names == ["url", "caption", "case", "expected"]
+    assert table["case"].to_pylist() == [c.name for c in ZOO_CASES]
+    assert len(set(table["case"].to_pylist())) == len(set(table["url"].to_pylist())) == len(table)
+    assert set(table["expected"].to_pylist()) == {
+        "success",
+        "url_policy",
+        "invalid_url",
+        "too_large",
+        "encoding_error",
+        "incomplete_body",
+        "too_many_redirects",
+    }
+    urls = dict(zip(table["case"].to_pylist(), table["url"].to_pylist(), strict=True))
+    assert urls["iri_query"] == f"{web.base_url}/zoo/query.jpg?lang=中文"
+    assert urls["iri_host"] == f"http://１２７．０．０．１:{web.port}/zoo/ok.jpg"
+    assert len(urls["long_url"]) > 16_000
+
+
+def test_zoo_images_and_encodings(web):
+    image = zoo_image()
+    decode(image)
+    for path in ("/zoo/ok.jpg", "/zoo/%E5%9B%BE%E7%89%87/%E7%8C%AB.jpg", "/zoo/with%20space.jpg"):
+        assert get(web, path)[2] == image, path
+    assert get(web, "/zoo/query.jpg?lang=%E4%B8%AD%E6%96%87")[2] == image
+    assert get(web, "/zoo/query.jpg?lang=%D6%D0%CE%C4")[0] == 400  # GBK, not UTF-8
+    for path, wbits in (("gzip", 31), ("deflate", 15), ("raw-deflate", -15)):
+        _, headers, body = get(web, f"/zoo/{path}.jpg")
+        assert headers["Content-Encoding"] in path and zlib.decompress(body, wbits) == image
+    _, _, bomb = get(web, "/zoo/gzip-bomb.jpg")
+    assert len(bomb) < 100_000 and len(zlib.decompress(bomb, 31)) == GZIP_BOMB_MIB << 20
+    with pytest.raises(zlib.error):
+        zlib.decompress(get(web, "/zoo/bad-gzip.jpg")[2], 31)
+
+
+def test_zoo_refuses_credentials(web):
+    conn = http.client.HTTPConnection(web.host, web.port, timeout=5)
+    try:
+        conn.request("GET", "/zoo/ok.jpg", headers={"Authorization": "Basic dXNlcjpzZWNyZXQ="})
+        assert conn.getresponse().status == 400
+    finally:
+        conn.close()
+
+
+def test_zoo_redirects(web):
+    assert get(web, "/zoo/chain/2")[1]["Location"] == "/zoo/chain/1"
+    assert get(web, "/zoo/chain/0")[2] == zoo_image()
+    assert get(web, "/zoo/loop")[1]["Location"] == "/zoo/loop"
+    location = get(web, "/zoo/to-iri")[1]["Location"]
+    assert location.encode("latin-1").decode() == IRI_PATH  # raw UTF-8 on the wire
+
+
+@pytest.mark.parametrize("path", ["/zoo/short.jpg", "/zoo/short-chunked.jpg"])
+def test_zoo_short_bodies_close_early(web, path):
+    with pytest.raises(http.client.IncompleteRead):
+        get(web, path)
+
+
+def test_serve_forever_writes_the_zoo_list_on_request(tmp_path):
+    stop = threading.Event()
+    ready = tmp_path / "ready.json"
+    thread = threading.Thread(
+        target=serve_forever,
+        args=(10, 5, tmp_path / "web"),
+        kwargs=dict(ready_file=ready, stop_event=stop, zoo=True),
+    )
+    thread.start()
+    try:
+        deadline = time.monotonic() + 15
+        while not ready.exists():
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.05)
+        info = json.loads(ready.read_text())
+        assert pq.read_table(info["zoo_urls"]).num_rows == len(ZOO_CASES)
+    finally:
+        stop.set()
+        thread.join(5)
