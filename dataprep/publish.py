@@ -11,7 +11,10 @@ per output shard; then each output shard is assembled in permutation order and u
 written deterministically (fixed mtime, owner and order), so the same build gives byte-identical
 shards and the same sha256 in the manifest.
 
-Re-running the same build (same inputs, same settings) returns the version already published.
+Re-running the same build (same inputs, same settings) returns the version already published,
+once every shard still matches the manifest's sha256. A version folder holds exactly the manifest's
+shards: each publish first removes what a dead publish of the dataset left (objects of unpublished
+versions, unfinished writes), which is safe because one build of a dataset runs at a time.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import pickle
 import re
 import tarfile
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -34,14 +39,22 @@ from dataprep.embed import SCORE
 from dataprep.errors import MmpipeError
 from dataprep.filters import STAGE as FILTER
 from dataprep.stage_config import PublishConfig
-from dataprep.stages import StageSummary, Staging
-from dataprep.store import ObjectNotFound, ObjectStore
+from dataprep.stages import StageSummary, Staging, file_sha256
+from dataprep.store import ObjectNotFound, ObjectStore, StoreError
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+_VERIFY_THREADS = 8  # shards hashed at once: object-store reads, not CPU
+_BLOCK = 1 << 20
 
 
 class PublishError(MmpipeError, RuntimeError):
     pass
+
+
+class AlteredDataset(PublishError):
+    """A published version's objects no longer match its manifest."""
 
 
 class ShardManifest(BaseModel):
@@ -129,6 +142,65 @@ def choose_version(
         return cfg.version
     numbers = [int(v[1:]) for v in versions if re.fullmatch(r"v\d+", v)]
     return f"v{max(numbers, default=0) + 1}"
+
+
+# --------------------------------------------------------------------------- verifying
+
+
+def shard_problem(store: ObjectStore, prefix: str, shard: ShardManifest) -> str | None:
+    """What is wrong with one published shard, read whole as a stream (None: it matches)."""
+    key = f"{prefix}/{shard.path}"
+    digest, size = hashlib.sha256(), 0
+    try:
+        with store.open(key) as f:
+            while block := f.read(_BLOCK):
+                digest.update(block)
+                size += len(block)
+    except ObjectNotFound:
+        return f"{store.uri(key)}: missing"
+    if size != shard.bytes:
+        return f"{store.uri(key)}: {size} bytes, the manifest says {shard.bytes}"
+    if digest.hexdigest() != shard.sha256:
+        return f"{store.uri(key)}: sha256 {digest.hexdigest()}, the manifest says {shard.sha256}"
+    return None
+
+
+def version_problems(store: ObjectStore, manifest: DatasetManifest) -> list[str]:
+    """Every shard that differs from the manifest, and every object it does not list."""
+    prefix = dataset_prefix(manifest.name, manifest.version)
+    with ThreadPoolExecutor(max_workers=_VERIFY_THREADS) as pool:
+        problems = list(pool.map(lambda s: shard_problem(store, prefix, s), manifest.shards))
+    listed = {f"{prefix}/{s.path}" for s in manifest.shards} | {f"{prefix}/{MANIFEST}"}
+    unlisted = [k for k in store.list(f"{prefix}/") if k not in listed]
+    return [p for p in problems if p] + [f"{store.uri(k)}: not in the manifest" for k in unlisted]
+
+
+def verify_version(store: ObjectStore, manifest: DatasetManifest) -> None:
+    """AlteredDataset naming each shard that no longer matches the manifest's sha256 and size."""
+    if problems := version_problems(store, manifest):
+        prefix = dataset_prefix(manifest.name, manifest.version)
+        raise AlteredDataset(
+            f"{manifest.name}@{manifest.version} does not match its manifest "
+            f"{store.uri(f'{prefix}/{MANIFEST}')}:\n  " + "\n  ".join(problems) + "\n"
+            f"Restore those objects, or delete {store.uri(prefix)}/ to publish the version again"
+        )
+
+
+def remove_dead_publishes(store: ObjectStore, name: str) -> int:
+    """Delete what dead publishes of ``name`` left: unfinished writes, objects of versions that
+    never got a manifest. Only while no publish of ``name`` runs (the build lock)."""
+    published = {v for n, v in list_datasets(store) if n == name}
+    try:
+        removed = store.delete_abandoned(f"datasets/{name}/")
+    except StoreError as e:  # e.g. no s3:ListBucketMultipartUploads: invisible, so not fatal
+        log.warning("cannot remove unfinished writes (a bucket lifecycle rule can): %s", e)
+        removed = 0
+    for key in store.list(f"datasets/{name}/"):
+        parts = key.split("/")  # datasets, name, version, ...
+        if len(parts) > 3 and parts[2] not in published:
+            store.delete(key)
+            removed += 1
+    return removed
 
 
 # --------------------------------------------------------------------------- resharding
@@ -225,14 +297,13 @@ def write_shards(
         records = _read_spool(work / f"{out:05d}.spool")
         tar_path = work / f"{out:05d}.tar"
         _write_tar(records, tar_path)
-        data = tar_path.read_bytes()
         staging.store.put_file(f"{prefix}/{out:05d}.tar", tar_path)
         manifests.append(
             ShardManifest(
                 path=f"{out:05d}.tar",
                 samples=len(records),
-                bytes=len(data),
-                sha256=hashlib.sha256(data).hexdigest(),
+                bytes=tar_path.stat().st_size,
+                sha256=file_sha256(tar_path),
             )
         )
         tar_path.unlink()
@@ -249,9 +320,12 @@ def publish(
     config: dict,
     work_root: Path,
 ) -> DatasetManifest:
-    """Write the version's shards, then its manifest; or return the version already published."""
+    """Write the version's shards, then its manifest; or return the version already published,
+    verified (AlteredDataset if a shard changed since)."""
+    remove_dead_publishes(staging.store, staging.name)
     chosen = choose_version(staging.store, staging.name, cfg, fp)
     if isinstance(chosen, DatasetManifest):
+        verify_version(staging.store, chosen)
         return chosen
     prefix = dataset_prefix(staging.name, chosen)
     work_root.mkdir(parents=True, exist_ok=True)

@@ -170,6 +170,11 @@ class ObjectStore(abc.ABC):
         """Remove every key ``list(prefix)`` returns; return how many."""
 
     @abc.abstractmethod
+    def delete_abandoned(self, prefix: str) -> int:
+        """Remove the unfinished writes of keys under ``prefix`` (local temp files, incomplete
+        S3 multipart uploads); return how many. Only for a prefix no live writer is using."""
+
+    @abc.abstractmethod
     def arrow_filesystem(self, prefix: str = "") -> tuple[Any, str]:
         """(pyarrow FileSystem, path) of ``prefix``: for libraries that take one (Ray Train)."""
 
@@ -311,6 +316,18 @@ class LocalStore(ObjectStore):
         for key in keys:
             self.delete(key)
         return len(keys)
+
+    def delete_abandoned(self, prefix: str) -> int:
+        folder = self.root.joinpath(*_check_prefix(prefix).split("/")[:-1])
+        removed = 0
+        for dirpath, _dirnames, filenames in os.walk(folder, onerror=_raise_unless_missing):
+            rel_dir = Path(dirpath).relative_to(self.root).as_posix()
+            for name in filter(_TEMP_NAME.match, filenames):
+                final = name[1:].rsplit(".tmp-", 1)[0]  # the key it was being written to
+                if (final if rel_dir == "." else f"{rel_dir}/{final}").startswith(prefix):
+                    Path(dirpath, name).unlink(missing_ok=True)
+                    removed += 1
+        return removed
 
     def arrow_filesystem(self, prefix: str = "") -> tuple[Any, str]:
         import pyarrow.fs
@@ -536,6 +553,20 @@ class S3Store(ObjectStore):
                     f"e.g. {first.get('Key')}: {first.get('Code')} {first.get('Message')}"
                 )
         return len(keys)
+
+    def delete_abandoned(self, prefix: str) -> int:
+        # Incomplete multipart uploads: invisible, but they are kept (and billed) until aborted.
+        root = f"{self.prefix}/" if self.prefix else ""
+        removed = 0
+        with self._errors(f"{self.root_uri}/{prefix}"):
+            pages = self._client().get_paginator("list_multipart_uploads")
+            for page in pages.paginate(Bucket=self.bucket, Prefix=root + _check_prefix(prefix)):
+                for upload in page.get("Uploads", []):
+                    self._client().abort_multipart_upload(
+                        Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                    )
+                    removed += 1
+        return removed
 
     def arrow_filesystem(self, prefix: str = "") -> tuple[Any, str]:
         import pyarrow.fs

@@ -284,6 +284,20 @@ def cmd_datasets_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_datasets_verify(args: argparse.Namespace) -> int:
+    from dataprep.publish import read_manifest, verify_version
+
+    name, _, version = args.dataset.partition("@")
+    store = _dataset_store(args)
+    manifest = read_manifest(store, name, version or None)
+    verify_version(store, manifest)  # AlteredDataset (exit 2) names each shard that differs
+    print(
+        f"{manifest.name}@{manifest.version}: all {len(manifest.shards)} shards "
+        f"({manifest.bytes / 1e6:.1f} MB) match the manifest's sha256"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmpipe",
@@ -360,9 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     for command, func, text in (
         ("list", cmd_datasets_list, "every published NAME@VERSION"),
         ("show", cmd_datasets_show, "the manifest of NAME[@VERSION] (default: latest)"),
+        ("verify", cmd_datasets_verify, "check every shard of NAME[@VERSION] against its sha256"),
     ):
         p = datasets_sub.add_parser(command, help=text)
-        if command == "show":
+        if command != "list":
             p.add_argument("dataset", metavar="NAME[@VERSION]")
         p.add_argument("--store", help="store URL (default: store.url unset, STATE/store)")
         p.set_defaults(func=func)

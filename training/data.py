@@ -2,7 +2,8 @@
 
 Each DataLoader worker reads its share of the epoch's shards (split by node, then by worker),
 drops incomplete samples, shuffles, fast-forwards on resume, decodes through the spec's hook
-and batches, stopping at exactly its quota. docs/data-loading.md explains the guarantees.
+and batches, stopping at exactly its quota. Shards from a manifest are hashed as they stream and
+a mismatch fails the run. docs/data-loading.md explains the guarantees.
 """
 
 from __future__ import annotations
@@ -169,10 +170,41 @@ class _WorkerState:
         return skipped
 
 
-def _read_piece(
-    uri: str, piece: Piece, shard_samples: int | None, state: _WorkerState
-) -> Iterator[dict[str, Any]]:
-    """The piece's raw samples. A damaged tar ends the piece; its lost samples are counted."""
+class _CheckedStream:
+    """A shard's byte stream, hashed as tarfile reads it, to check it against its manifest."""
+
+    def __init__(self, raw: BinaryIO, shard: ShardInfo) -> None:
+        self.raw, self.shard = raw, shard
+        self.digest, self.size, self.at_end = hashlib.sha256(), 0, False
+
+    def read(self, size: int | None = None) -> bytes:
+        data = self.raw.read(size)
+        if self.shard.sha256 is not None:  # no hash to compare: no hashing
+            self.digest.update(data)
+        self.size += len(data)
+        self.at_end = self.at_end or (not data and size != 0)
+        return data
+
+    def close(self) -> None:
+        self.raw.close()
+
+    def verify(self) -> None:
+        """DataError naming the shard if it was read to its end and differs from the manifest."""
+        expected = (self.shard.bytes, self.shard.sha256)
+        if self.shard.sha256 is None or not self.at_end:
+            return  # no manifest entry, or a read cut short: nothing to compare
+        if (self.size, self.digest.hexdigest()) != expected:
+            raise DataError(
+                f"shard {self.shard.uri} does not match its manifest: read {self.size} bytes "
+                f"with sha256 {self.digest.hexdigest()}, the manifest says {expected[0]} bytes "
+                f"with sha256 {expected[1]}; the published data was altered or damaged"
+            )
+
+
+def _read_piece(shard: ShardInfo, piece: Piece, state: _WorkerState) -> Iterator[dict[str, Any]]:
+    """The piece's raw samples. A damaged tar ends the piece; its lost samples are counted.
+    Every piece reads its whole shard, so a shard from a manifest is verified at its end."""
+    uri, shard_samples = shard.uri, shard.samples
     folder, key = split_shard_uri(uri)
     errors: list[Exception] = []
 
@@ -182,7 +214,7 @@ def _read_piece(
 
     seen = 0
     try:
-        stream = state.store(folder).open(key)
+        stream = _CheckedStream(state.store(folder).open(key), shard)
     except StoreError as e:
         errors.append(e)
     else:
@@ -193,8 +225,10 @@ def _read_piece(
                     seen += 1
                     yield sample
             # tarfile ends silently at a bad header mid-file: data after the end is the tell.
-            if not errors and _has_trailing_data(stream):
+            trailing = _has_trailing_data(stream)  # read even after errors: to end the hash
+            if trailing and not errors:
                 errors.append(tarfile.ReadError("invalid tar header before the end of the file"))
+            stream.verify()
     expected = piece.samples(shard_samples) if shard_samples is not None else None
     lost = expected - seen if expected is not None else int(bool(errors))
     if errors or lost > 0:
@@ -202,15 +236,18 @@ def _read_piece(
         state.skip(max(lost, 0), f"shard {uri} ended after {seen} of {expected} samples: {what}")
 
 
-def _has_trailing_data(stream: BinaryIO) -> bool:
-    """True if anything but zero padding follows where tarfile stopped reading."""
+def _has_trailing_data(stream: _CheckedStream) -> bool:
+    """True if anything but zero padding follows where tarfile stopped reading. Reads to the
+    end (the shard's hash needs every byte) unless there is no hash to complete."""
+    found = False
     try:
         while chunk := stream.read(1 << 16):
-            if chunk.count(0) != len(chunk):
-                return True
+            found = found or chunk.count(0) != len(chunk)
+            if found and stream.shard.sha256 is None:
+                break
     except Exception:  # a failing read of the tail is damage too (e.g. a botocore error)
         return True
-    return False
+    return found
 
 
 def _caption(sample: RawSample) -> str:
@@ -327,8 +364,7 @@ class _RankStream(IterableDataset):
 
     def _read(self, pieces: Iterator[Piece], state: _WorkerState) -> Iterator[dict[str, Any]]:
         for piece in pieces:
-            shard = self.shards[piece.shard]
-            yield from _read_piece(shard.uri, piece, shard.samples, state)
+            yield from _read_piece(self.shards[piece.shard], piece, state)
 
     def _complete(
         self, samples: Iterator[dict[str, Any]], state: _WorkerState

@@ -45,6 +45,9 @@ class DataError(MmpipeError, RuntimeError):
 class ShardInfo:
     uri: str
     samples: int | None  # None: unknown (then DataConfig.samples_per_epoch must be set)
+    # From a manifest: what the reader checks the shard's bytes against (None: not checked).
+    sha256: str | None = dataclasses.field(default=None, compare=False)
+    bytes: int | None = dataclasses.field(default=None, compare=False)
 
 
 def resolve_shards(
@@ -145,7 +148,8 @@ class _Manifest(pydantic.BaseModel):
 
 
 def _manifest(uri: str, s3: S3Settings | None) -> list[ShardInfo]:
-    """``{"shards": [{"path": <relative to the manifest's folder>, "samples": N, ...}]}``."""
+    """``{"shards": [{"path": <relative to the manifest's folder>, "samples": N, ...}]}``; a
+    shard's ``bytes`` and ``sha256``, when given, are what its readers check it against."""
     folder, key = split_shard_uri(uri)
     store = open_folder(folder, s3)
     try:
@@ -157,7 +161,10 @@ def _manifest(uri: str, s3: S3Settings | None) -> list[ShardInfo]:
         if shard.path.startswith("/") or any(p in ("", ".", "..") for p in parts):
             raise DataError(f"manifest {uri}: shard path {shard.path!r} must stay in its folder")
     located = _locate([f"{folder.rstrip('/')}/{s.path}" for s in manifest.shards], s3)
-    return [ShardInfo(at.uri, s.samples) for at, s in zip(located, manifest.shards, strict=True)]
+    return [
+        ShardInfo(at.uri, s.samples, s.sha256, s.bytes)
+        for at, s in zip(located, manifest.shards, strict=True)
+    ]
 
 
 @dataclasses.dataclass(frozen=True)

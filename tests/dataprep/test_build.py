@@ -18,7 +18,7 @@ from dataprep.build import StagesConfig, build_after_crawl
 from dataprep.crawl import CrawlConfig, crawl_shards, prepare_crawl
 from dataprep.dedup import DedupConfig, dedup_shards
 from dataprep.filters import FilterConfig, filter_shards
-from dataprep.publish import list_datasets, read_manifest
+from dataprep.publish import AlteredDataset, list_datasets, read_manifest
 from dataprep.quality import STAGES_AFTER_CRAWL, build_quality, final_outcomes
 from dataprep.sampleweb import SampleWebServer, generate_corpus, write_url_list
 from dataprep.stages import KEPT, StageError, Staging
@@ -160,6 +160,19 @@ def test_rebuild_returns_the_published_version(built, clip_scorer, tmp_path):
     again = build_after_crawl(staging, stages_config(clip_scorer), tmp_path)
     assert again == manifest
     assert time.monotonic() - started < 60, "nothing recomputed"
+
+
+def test_rebuild_refuses_a_version_altered_since(built, clip_scorer, tmp_path):
+    from tests.dataprep.test_publish import flip_a_byte
+
+    _, staging, _, manifest = built
+    store = open_store(f"file://{tmp_path / 'store'}")
+    for key in staging.store.list(f"staging/{NAME}/") + staging.store.list(f"datasets/{NAME}/"):
+        store.put_bytes(key, staging.store.get_bytes(key))
+    shard = f"datasets/{NAME}/{manifest.version}/{manifest.shards[-1].path}"
+    flip_a_byte(store, shard)
+    with pytest.raises(AlteredDataset, match=f"{store.uri(shard)}: sha256"):
+        build_after_crawl(Staging(store, NAME), stages_config(clip_scorer), tmp_path / "work")
 
 
 # --------------------------------------------------------------------------- quality

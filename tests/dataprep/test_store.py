@@ -138,6 +138,13 @@ def test_in_flight_writes_are_invisible(store: ObjectStore, request: pytest.Fixt
         store.get_bytes("data/partial.bin")
     # delete_prefix only touches complete objects (and never races in-flight writers).
     assert store.delete_prefix("data/") == 1
+    # delete_abandoned removes the dead write (once no writer can be at work there).
+    assert store.delete_abandoned("other/") == 0
+    assert store.delete_abandoned("data/") == 1
+    if isinstance(store, LocalStore):
+        assert list((store.root / "data").iterdir()) == []
+    else:
+        assert "Uploads" not in raw_s3(request).list_multipart_uploads(Bucket=store.bucket)
 
 
 def test_exists_size_delete(store: ObjectStore) -> None:

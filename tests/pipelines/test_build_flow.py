@@ -11,11 +11,12 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, Fl
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 from prefect.testing.utilities import prefect_test_harness
 
-from dataprep.publish import read_manifest
+from dataprep.publish import AlteredDataset, read_manifest
 from pipelines.cli import main
 from pipelines.config import BuildConfig
 from pipelines.events import DATASET_PUBLISHED, dataset_resource_id
 from pipelines.flows import run_build
+from tests.dataprep.test_publish import flip_a_byte
 
 NAME = "flowpub"
 STAGES = ("filter", "embed", "score", "dedup")
@@ -113,3 +114,13 @@ def test_build_dataset_flow_publishes_and_reports(
     out = capsys.readouterr().out
     assert f"{NAME}@v1  {manifest.samples} samples" in out and result.manifest_uri in out
     assert main(["datasets", "show", f"{NAME}@v9", "--store", store_url]) == 2
+
+    # a rebuild that finds its version altered refuses it, at once (publish is not retried)
+    assert main(["datasets", "verify", f"{NAME}@v1", "--store", store_url]) == 0
+    shard = f"datasets/{NAME}/v1/{manifest.shards[0].path}"
+    flip_a_byte(config.store.open(), shard)
+    with pytest.raises(AlteredDataset, match=f"{store_url}/{shard}: sha256"):
+        run_build(config)
+    _, task_runs = asyncio.run(read_run())
+    failed = [t for t in task_runs if t.name.startswith("publish") and t.state.is_failed()]
+    assert [t.run_count for t in failed] == [1]

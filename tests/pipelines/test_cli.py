@@ -124,6 +124,30 @@ def test_project_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
     assert debug.stderr.strip().splitlines()[-1].startswith("mmpipe: error: invalid store key")
 
 
+def test_datasets_verify_names_each_shard_that_differs_from_the_manifest(tmp_path):
+    from dataprep.store import open_store
+    from tests.dataprep.test_publish import flip_a_byte, publish_staged, write_staging
+
+    store = open_store(f"file://{tmp_path}/store")
+    write_staging(store)
+    manifest = publish_staged(store, 20, tmp_path / "work")
+    verify = ("datasets", "verify", f"d@{manifest.version}", "--store", store.root_uri)
+    intact = mmpipe(*verify)
+    assert intact.returncode == 0, intact.stderr
+    assert intact.stdout.startswith("d@v1: all 3 shards (") and "match" in intact.stdout
+
+    flip_a_byte(store, "datasets/d/v1/00001.tar")
+    store.delete("datasets/d/v1/00002.tar")
+    altered = mmpipe(*verify)
+    assert altered.returncode == 2
+    lines = altered.stderr.splitlines()
+    manifest_uri = store.uri("datasets/d/v1/manifest.json")
+    assert lines[0] == f"mmpipe: error: d@v1 does not match its manifest {manifest_uri}:"
+    assert lines[1].startswith(f"  {store.uri('datasets/d/v1/00001.tar')}: sha256 ")
+    assert lines[2] == f"  {store.uri('datasets/d/v1/00002.tar')}: missing"
+    assert "00000.tar" not in altered.stderr and "Traceback" not in altered.stderr
+
+
 def test_train_with_inconsistent_batch_sizes_fails_fast_and_clearly():
     started = time.monotonic()
     result = mmpipe(

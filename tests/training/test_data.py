@@ -6,9 +6,11 @@ caption back into that id, so every test can say exactly which samples a batch h
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
+import re
 import tarfile
 from collections import Counter
 from typing import Any
@@ -20,6 +22,7 @@ import webdataset as wds
 from PIL import Image
 
 from dataprep.store import ObjectStore
+from tests.dataprep.test_publish import flip_a_byte
 from training.config import DataConfig
 from training.data import TrainLoader, make_train_loader
 from training.shards import DataError, ShardInfo, resolve_shards
@@ -256,6 +259,52 @@ def test_damaged_tars_end_their_shard_not_the_run(
     for uri in uris[:2]:
         assert f"shard {uri} ended after" in caplog.text
     assert uris[2] not in caplog.text
+
+
+def write_manifest(store: ObjectStore, folder: str) -> str:
+    """A manifest of the folder's tars with their sizes and sha256, as publish writes it."""
+    entries = []
+    for key in store.list(f"{folder}/"):
+        if key.endswith(".tar"):
+            data = store.get_bytes(key)
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                samples = len({m.name.split(".")[0] for m in tar})
+            entries.append(
+                {
+                    "path": key.rsplit("/")[-1],
+                    "samples": samples,
+                    "bytes": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                }
+            )
+    store.put_bytes(f"{folder}/manifest.json", json.dumps({"shards": entries}).encode())
+    return store.uri(f"{folder}/manifest.json")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_shards_from_a_manifest_are_checked_as_they_stream(
+    store: ObjectStore, workers: int
+) -> None:
+    """One shard shared by 2 ranks (x 2 workers): each reader reads it whole and checks it,
+    fresh or resuming (resume drops samples after reading them)."""
+    write_dataset(store, "ds", shards=1, per_shard=40)
+    shards = resolve_shards(
+        DataConfig(source=write_manifest(store, "ds")), getattr(store, "settings", None)
+    )
+    assert shards[0].sha256 is not None and shards[0].bytes == store.size("ds/00000.tar")
+    ids = []
+    for rank in (0, 1):
+        batches, _ = run(loader(shards, rank=rank, world=2, batch=2, store=store, workers=workers))
+        ids += flat(batches)
+    assert sorted(ids) == sorted(all_ids(1, 40))  # intact: the whole epoch, no error
+
+    flip_a_byte(store, "ds/00000.tar")
+    mismatch = f"shard {re.escape(shards[0].uri)} does not match its manifest: read"
+    for rank, skip in ((0, 0), (1, 0), (1, 3)):
+        train = loader(shards, rank=rank, world=2, batch=2, store=store, workers=workers)
+        train.set_epoch(0, skip_batches=skip)
+        with pytest.raises(DataError, match=mismatch):
+            run(train)
 
 
 def test_a_share_without_usable_samples_is_an_error(local_store: ObjectStore) -> None:
