@@ -51,6 +51,9 @@ class BuildConfig(BaseModel):
     task_retries: int = Field(2, ge=0)
     task_retry_delay_s: float = Field(5.0, ge=0)
     concurrent_tasks: int = Field(1, ge=1)  # crawl tasks at once; each runs crawl.processes
+    # The build lock's lease: a holder that stops renewing it (dead on another host) loses it
+    # after this long; on the holder's own host its exit frees the lock at once.
+    lock_lease_s: float = Field(300.0, ge=3)
 
     def staging_prefix(self) -> str:
         return f"staging/{self.name}/crawl"

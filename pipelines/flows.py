@@ -18,13 +18,13 @@ from dataprep import build
 from dataprep.crawl import CrawlPlan, ShardStats, crawl_shards, prepare_crawl, summarize
 from dataprep.crawl_status import CrawlSummary
 from dataprep.filters import filter_fingerprint, filter_shard
-from dataprep.publish import list_datasets, manifest_uri
+from dataprep.publish import AlteredDataset, list_datasets, manifest_uri
 from dataprep.stages import StageStats, StageSummary, Staging
 from dataprep.state import state_dir
 from pipelines import build_report
 from pipelines.config import BuildConfig
 from pipelines.events import emit_dataset_published
-from pipelines.locks import dataset_build_lock
+from pipelines.locks import BuildLock, dataset_build_lock
 from pipelines.report import crawl_markdown, reason_rows
 
 
@@ -72,11 +72,12 @@ class BuildResult(BaseModel):
 @flow(name="build-dataset", flow_run_name=_run_name, log_prints=True)
 def build_dataset(config: BuildConfig) -> BuildResult:
     """Crawl a URL list, filter, CLIP-score, deduplicate and publish a dataset version."""
-    with dataset_build_lock(config.name):  # one build of a dataset at a time
+    with dataset_build_lock(config.name, lease_s=config.lock_lease_s) as lock:  # one at a time
         crawl = _build(config)
+        lock.check()
         if config.crawl_only:
             return BuildResult(crawl=crawl)
-        return _build_after_crawl(config, crawl)
+        return _build_after_crawl(config, crawl, lock)
 
 
 def _build(config: BuildConfig) -> CrawlSummary:
@@ -157,7 +158,18 @@ def dedup_task(config: BuildConfig, scored: build.StageResult) -> build.StageRes
     return build.run_dedup(staging, _all_shards(config), config.dedup, scored, _work(config))
 
 
-@task(name="publish")
+def _unless_altered(task, task_run, state) -> bool:
+    """Retry a failed publish, but not one that found its version altered: that stays so."""
+    try:
+        state.result()
+    except AlteredDataset:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+@task(name="publish", retry_condition_fn=_unless_altered)
 def publish_task(config: BuildConfig, results: list[build.StageResult]):
     config_dump = config.model_dump(mode="json", exclude={"store"})
     staging = _staging(config)
@@ -189,7 +201,9 @@ def _filter_stage(config: BuildConfig, crawl: build.StageResult) -> build.StageR
     return build.StageResult(stage="filter", fingerprint=fp, summary=summary)
 
 
-def _build_after_crawl(config: BuildConfig, crawl_summary: CrawlSummary) -> BuildResult:
+def _build_after_crawl(
+    config: BuildConfig, crawl_summary: CrawlSummary, lock: BuildLock
+) -> BuildResult:
     if config.embed.weights is None:
         raise ValueError(
             "embed.weights is not set: the CLIP-score stage needs a scorer (local open_clip "
@@ -201,6 +215,7 @@ def _build_after_crawl(config: BuildConfig, crawl_summary: CrawlSummary) -> Buil
     results.append(_retrying(embed_task, config)(config, results[-1]))
     results.append(_retrying(score_task, config)(config, results[-1]))
     results.append(_retrying(dedup_task, config)(config, results[-1]))
+    lock.check()  # a build whose lock was taken over must not publish
     published_before = set(list_datasets(staging.store))
     manifest = _retrying(publish_task, config)(config, results)
     uri = manifest_uri(staging.store, manifest.name, manifest.version)
