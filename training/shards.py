@@ -77,8 +77,30 @@ def resolve_shards(
 
 
 def check_data(cfg: DataConfig, s3: S3Settings | None = None) -> list[ShardInfo]:
-    """The shards a run reads exist; sidecars and manifests are read, tars are not scanned."""
-    return resolve_shards(cfg, s3, scan=False)
+    """The shards a run reads exist and begin with a tar header (one small read each);
+    sidecars and manifests are read, tars are not scanned."""
+    shards = resolve_shards(cfg, s3, scan=False)
+    stores: dict[str, ObjectStore] = {}
+
+    def located(uri: str) -> tuple[ObjectStore, str]:
+        folder, name = split_shard_uri(uri)
+        if folder not in stores:
+            stores[folder] = open_folder(folder, s3)
+        return stores[folder], name
+
+    _parallel(_check_tar_header, [located(s.uri) for s in shards if s.samples != 0])
+    return shards
+
+
+def _check_tar_header(at: tuple[ObjectStore, str]) -> None:
+    store, key = at
+    try:
+        with store.open(key) as f, tarfile.open(fileobj=f, mode="r|"):
+            pass  # opening a stream reads the first member's header, and nothing more
+    except tarfile.TarError as e:
+        raise DataError(f"shard {store.uri(key)} is not a readable tar file: {e}") from None
+    except StoreError as e:
+        raise DataError(f"cannot read shard {store.uri(key)}: {e}") from e
 
 
 def split_shard_uri(uri: str) -> tuple[str, str]:

@@ -170,6 +170,21 @@ def test_train_with_missing_inputs_fails_fast_and_clearly(tmp_path):
     assert time.monotonic() - started < 30  # no Ray, no workers
 
 
+def test_train_on_a_corrupt_tar_fails_fast_in_one_line(local_store):
+    from tests.training.test_data import write_dataset
+
+    uris = write_dataset(local_store, "ds", shards=2)
+    local_store.put_bytes("ds/00001.tar", b"\x00garbage" * 100)
+    started = time.monotonic()
+    result = mmpipe(
+        "train", "clip", "--config", "configs/clip-tiny.yaml", "--data", local_store.uri("ds") + "/"
+    )
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"mmpipe: error: shard {uris[1]} is not a readable tar file")
+    assert time.monotonic() - started < 30  # no Ray, no workers
+
+
 def test_generate_arguments_make_its_config():
     from pipelines.cli import build_parser, generate_config_from_args
 

@@ -13,7 +13,7 @@ import pytest
 from dataprep.store import ObjectStore
 from tests.training.test_data import loader, write_dataset
 from training.config import DataConfig
-from training.shards import DataError, ShardInfo, resolve_shards
+from training.shards import DataError, ShardInfo, check_data, resolve_shards
 
 
 def test_every_kind_of_source_resolves_to_the_same_shards(store: ObjectStore) -> None:
@@ -83,3 +83,13 @@ def test_bad_sources_give_errors_naming_the_uri(local_store: ObjectStore) -> Non
         loader(shards, world=2, batch=40)
     with pytest.raises(DataError, match=re.escape(f"sample count of {uris[0]} is unknown")):
         loader([ShardInfo(u, None) for u in uris])
+
+
+def test_check_data_reads_each_shards_first_tar_header(store: ObjectStore) -> None:
+    uris = write_dataset(store, "ds", shards=3)
+    s3 = getattr(store, "settings", None)
+    cfg = DataConfig(source=store.uri("ds") + "/")
+    assert check_data(cfg, s3) == resolve_shards(cfg, s3, scan=False)
+    store.put_bytes("ds/00001.tar", b"<html>not a tar</html>" * 40)  # what a bad copy leaves
+    with pytest.raises(DataError, match=f"shard {re.escape(uris[1])} is not a readable tar"):
+        check_data(cfg, s3)
