@@ -29,6 +29,7 @@ from uuid import UUID
 from pydantic import BaseModel
 
 from dataprep.errors import MmpipeError
+from pipelines.server import process_alive
 
 LEASE_S = 300.0  # a holder that stops renewing (no process check possible) is gone after this
 POLL_S = 1.0  # how often a waiting build looks at the holder
@@ -171,7 +172,7 @@ def _gone(client, holder: Holder, unrenewed_s: float) -> str | None:
     """Why the holder is gone, or None while it may be alive."""
     from prefect.exceptions import ObjectNotFound
 
-    if holder.pid_space == _pid_space() and not _running(holder.pid):
+    if holder.pid_space == _pid_space() and not process_alive(holder.pid):
         return f"its process {holder.pid} has exited"
     if holder.flow_run_id:
         try:
@@ -210,18 +211,6 @@ def _pid_space() -> str:
         parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
         parts.append(os.readlink("/proc/self/ns/pid"))
     return " ".join(parts)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError, IndexError):  # a zombie has exited, unreaped
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    return True
 
 
 def _now() -> str:

@@ -59,16 +59,19 @@ def recorded_server() -> ServerInfo | None:
         info = ServerInfo(**json.loads(_record_path().read_text()))
     except (FileNotFoundError, ValueError, TypeError):
         return None
-    return info if _alive(info.pid) else None
+    return info if process_alive(info.pid) else None
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this host is running (a zombie has exited, unreaped)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    with contextlib.suppress(OSError, IndexError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     return True
 
 
@@ -171,10 +174,10 @@ def stop_server(timeout_s: float = 20.0) -> ServerInfo | None:
         return None
     _signal_group(info.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while _alive(info.pid) and time.monotonic() < deadline:
+    while process_alive(info.pid) and time.monotonic() < deadline:
         _reap(info.pid)
         time.sleep(0.2)
-    if _alive(info.pid):
+    if process_alive(info.pid):
         _signal_group(info.pid, signal.SIGKILL)
         _reap(info.pid)
     return info
