@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dataprep.errors import MmpipeError
 from dataprep.ray_session import init_ray
 from dataprep.state import state_dir
 from training.config import TrainConfig
@@ -63,7 +64,13 @@ def launch(cfg: TrainConfig, echo_steps: bool = True) -> TrainResult:
     ``echo_steps``: rank 0 prints a line per logged step (through Ray to this driver); callers
     that tail metrics.jsonl themselves (the Prefect flows) turn it off.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        RunConfig,
+        ScalingConfig,
+        TrainingFailedError,
+    )
     from ray.train.torch import TorchConfig, TorchTrainer
 
     validate(cfg)
@@ -93,7 +100,13 @@ def launch(cfg: TrainConfig, echo_steps: bool = True) -> TrainResult:
             failure_config=FailureConfig(max_failures=cfg.scale.max_failures),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as err:
+        cause = _worker_user_error(err)
+        if cause is None:
+            raise
+        raise cause from err  # e.g. a shard that fails its checksum: one line, not Ray's dump
     checkpoint = result.checkpoint
     return TrainResult(
         name=cfg.name,
@@ -102,6 +115,15 @@ def launch(cfg: TrainConfig, echo_steps: bool = True) -> TrainResult:
         checkpoint_uri=_store_uri(store, runs_path, checkpoint.path) if checkpoint else None,
         run_uri=store.uri(cfg.run_prefix()),
     )
+
+
+def _worker_user_error(err: Exception) -> MmpipeError | None:
+    """The lowest rank's own mmpipe error, if that is what failed the workers."""
+    failures = getattr(err, "worker_failures", {})
+    for rank in sorted(failures):
+        if isinstance(failures[rank], MmpipeError):
+            return failures[rank]
+    return None
 
 
 def worker_env(cfg: TrainConfig) -> dict[str, str]:

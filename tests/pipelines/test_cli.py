@@ -1,6 +1,7 @@
 """The `mmpipe` command as a user runs it: a real process, its exit code and its output."""
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -276,3 +277,34 @@ def test_train_starts_its_own_ray_despite_a_stale_record_and_stays_quiet(local_s
     assert result.returncode == 0, result.stderr[-3000:]
     assert local_store.list("runs/stale/export/")
     assert "PlacementGroupCleaner" not in result.stdout + result.stderr  # Ray's monitor noise
+
+
+@pytest.mark.slow
+def test_train_on_an_altered_published_shard_fails_in_one_line(local_store, tmp_path):
+    import hashlib
+    import os
+
+    from tests.training.test_engine import write_shards
+
+    write_shards(local_store, "data")
+    shards = []
+    for key in sorted(k for k in local_store.list("data/") if k.endswith(".tar")):
+        data = bytearray(local_store.get_bytes(key))
+        digest = hashlib.sha256(data).hexdigest()
+        shards.append({"path": key.removeprefix("data/"), "samples": 96, "sha256": digest})
+        data[512 + 5] ^= 0xFF  # inside the first member's bytes: the tar still reads
+        local_store.put_bytes(key, bytes(data))
+    local_store.put_bytes("data/manifest.json", json.dumps({"shards": shards}).encode())
+    env = {**os.environ, "MMPIPE_STATE_DIR": str(tmp_path / "state")}
+    result = mmpipe(
+        "train", "clip", "--config", "configs/clip-tiny.yaml",
+        "--data", local_store.uri("data/manifest.json"), f"store.url={local_store.root_uri}",
+        "name=altered", "steps=4", "scale.num_workers=1", "scale.max_failures=0",
+        "data.workers=0", "engine.micro_batch_size=32",
+        env=env, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    [line] = [x for x in result.stderr.splitlines() if x.startswith("mmpipe: error:")]
+    assert re.match(
+        rf"mmpipe: error: shard {local_store.root_uri}/data/\d+\.tar does not match", line
+    )
