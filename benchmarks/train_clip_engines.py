@@ -35,7 +35,7 @@ STEP_LOG = re.compile(rf"^{STEP_MARK} ([0-9.]+) Train Epoch: \d+ \[\s*(\d+)/", r
 
 
 class BenchmarkError(RuntimeError):
-    pass
+    """A benchmark run that cannot give a valid figure; the message says why."""
 
 
 @dataclass

@@ -137,7 +137,7 @@ def acquire(dataset: str, lease_s: float = LEASE_S, timeout_s: float | None = No
                 record = client.create_variable(VariableCreate(name=name, value=me.model_dump()))
                 return BuildLock(dataset, record.id, me)
             except ObjectAlreadyExists:
-                pass
+                pass  # another build holds it: see who, below
             record = client.read_variable_by_name(name)
             if record is None:
                 continue  # released a moment ago
