@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from dataprep.errors import debugging
 from dataprep.state import state_dir
 from pipelines.commands import (
     build_with_progress,
@@ -482,8 +483,9 @@ def main(argv: list[str] | None = None) -> int:
             check_prefect_api()  # commands that run flows fail fast when the API is not there
         return args.func(args)
 
-    debug = args.debug or os.environ.get("MMPIPE_DEBUG") == "1"
-    return run_reporting_errors(run, debug=debug)
+    if args.debug:
+        os.environ["MMPIPE_DEBUG"] = "1"  # Ray Jobs and workers started from here inherit it
+    return run_reporting_errors(run, debug=debugging())
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ Light at import, like the CLI: Prefect, Ray and torch are imported by the functi
 
 from __future__ import annotations
 
+import copy
+import logging
 import os
 import sys
 import traceback
@@ -13,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dataprep.errors import MmpipeError
+from dataprep.errors import MmpipeError, debugging
 from dataprep.state import state_dir
 from pipelines.config import BuildConfig, ConfigError, load_config
 
@@ -28,11 +30,6 @@ def prepare_environment() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The ephemeral API's 20 s start-up limit is too short on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    # Ray Train's placement-group cleaner asks the state API (the dashboard, off for local runs)
-    # every few seconds and warns each time it is not there; Ray reads this before import.
-    os.environ.setdefault(
-        "RAY_DEDUP_LOGS_SKIP_REGEX", "Failed to query Ray Train Controller actor state"
-    )
     if "PREFECT_API_URL" not in os.environ:  # a server from `mmpipe server start`, if it runs
         from pipelines.server import running_api_url
 
@@ -63,12 +60,39 @@ def run_reporting_errors(run: Callable[[], int], debug: bool = False) -> int:
         return 130
 
 
+class _UserErrorsInOneLine(logging.Formatter):
+    """A console formatter that leaves out the traceback of mmpipe's own errors: the message
+    says what is wrong. The Prefect API's log handler still records the whole traceback."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info and isinstance(record.exc_info[1], MmpipeError):
+            record = copy.copy(record)
+            record.exc_info = record.exc_text = None
+        return self.inner.format(record)
+
+
+def quiet_user_errors() -> None:
+    """Run lines on the terminal without tracebacks for mmpipe's own errors, unless --debug."""
+    if debugging():
+        return
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(
+            handler.formatter, _UserErrorsInOneLine
+        ):
+            handler.setFormatter(_UserErrorsInOneLine(handler.formatter))
+
+
 def build_with_progress(config: BuildConfig, label: str = ""):
     """Run `build-dataset` with a progress bar, then print what every stage kept and dropped."""
     from pipelines.console import print_build_summary, print_crawl_summary
     from pipelines.flows import run_build
     from pipelines.progress import crawl_progress
 
+    quiet_user_errors()
     with crawl_progress(config):
         result = run_build(config)
     print_crawl_summary(config, result.crawl)
@@ -106,6 +130,7 @@ def train_with_progress(config: TrainConfig) -> dict:
     from pipelines.progress import training_progress
     from pipelines.training_flows import training_flow
 
+    quiet_user_errors()
     with training_progress(config):
         outcome = training_flow(config.spec)(config)
     print_training_result(config, outcome)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dataprep.errors import MmpipeError
+from dataprep.errors import MmpipeError, debugging
 from dataprep.ray_session import init_ray
 from dataprep.state import state_dir
 from training.config import TrainConfig
@@ -71,13 +71,21 @@ def launch(cfg: TrainConfig, echo_steps: bool = True) -> TrainResult:
         ScalingConfig,
         TrainingFailedError,
     )
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
+
+    from training.ray_trainer import Trainer
 
     validate(cfg)
-    init_ray(cfg.scale.ray_address, runtime_env={"env_vars": worker_env(cfg)})
+    # The flows follow steps from metrics.jsonl and report errors themselves: workers' own
+    # output (and Ray's copies of their tracebacks) stays in Ray's logs unless asked for.
+    init_ray(
+        cfg.scale.ray_address,
+        runtime_env={"env_vars": worker_env(cfg)},
+        log_to_driver=echo_steps or debugging(),
+    )
     store = cfg.store.open()
     fs, runs_path = store.arrow_filesystem("runs")
-    trainer = TorchTrainer(
+    trainer = Trainer(
         train_worker,
         # The env travels with the run too: a Ray started earlier by someone else (the build's
         # embed stage, a user's ray.init) has not got it in its runtime_env.
