@@ -102,12 +102,43 @@ class ScaleConfig(_Strict):
     max_failures: int = Field(1, ge=0)  # worker failures retried from the latest checkpoint
 
 
+class LossSection(_Strict):
+    """CLIP's contrastive loss across ranks (training/losses.py). The global loss builds the
+    [W*B, W*B] logits on every rank (275 GB at 1024 ranks x 256); the local loss each rank's
+    [B, W*B] rows, with the same gradients (open_clip's choice for large runs)."""
+
+    local_loss: bool | None = None  # None: local above `local_loss_above` ranks
+    local_loss_above: int = Field(8, ge=1)
+
+    def use_local_loss(self, world_size: int) -> bool:
+        if self.local_loss is not None:
+            return self.local_loss
+        return world_size > self.local_loss_above
+
+
 class EvalSection(_Strict):
+    """What evaluations score: the sample web's held-out renders, held-out shards or nothing.
+    Every rank scores its share of the set and the results are reduced (training/evaluate.py)."""
+
+    set: Literal["sampleweb", "shards", "none"] = "sampleweb"
     every_steps: int = Field(0, ge=0)  # 0: only at the end
-    heldout_samples: int = Field(800, ge=16)
+    heldout_samples: int = Field(800, ge=16)  # shards: at most this many, the first ones
     heldout_seed: int = 1000  # a sample-web seed no training corpus uses
     batch_size: int = Field(256, ge=1)
     crawl_image_size: int = Field(64, ge=8)  # held-out images are resized as the crawl did
+    # set = shards: held-out shards (URIs, pattern, folder/ or manifest, as data.source) whose
+    # samples carry an image, a caption (`txt`) and, for CLIP's zero-shot top-1, a class index
+    # (`label_key`) into `classes`, prompted with each of `templates`.
+    source: str | list[str] | None = None
+    label_key: str = "cls"
+    classes: list[str] = []
+    templates: list[str] = ["a photo of a {}."]
+
+    @model_validator(mode="after")
+    def _shards_need_a_source(self) -> EvalSection:
+        if self.set == "shards" and not self.source:
+            raise ValueError("eval.set = 'shards' needs eval.source (the held-out shards)")
+        return self
 
 
 class TrainConfig(_Strict):
@@ -125,6 +156,7 @@ class TrainConfig(_Strict):
     seed: int = 0
     data: DataConfig
     eval: EvalSection = EvalSection()
+    loss: LossSection = LossSection()
     engine: EngineConfig = EngineConfig()
     optim: OptimConfig = OptimConfig()
     scale: ScaleConfig = ScaleConfig()
@@ -148,6 +180,8 @@ class EncodeConfig(_Strict):
     out: str  # folder URI for the sidecars (codes depend on the dVAE: one folder per dVAE)
     batch_size: int = Field(256, ge=1)
     cpus_per_task: int = Field(1, ge=1)
+    # > 0: each task codes on a GPU (Ray's num_gpus; 0.25 lets 4 tasks share one); 0: on CPU
+    gpus_per_task: float = Field(0, ge=0)
     max_retries: int = Field(2, ge=0)
     ray_address: str | None = None  # None: a private local Ray (in a Ray Job: its cluster)
     store: StoreConfig = StoreConfig()  # S3 settings for s3:// URIs

@@ -30,7 +30,7 @@ from dataprep.store import (
 from training.codes import sidecar_dtype, sidecar_name
 from training.config import DataConfig, EncodeConfig
 from training.models.dvae import DVAE, load_dvae
-from training.shards import check_data, resolve_shards
+from training.shards import DataError, check_data, resolve_shards
 from training.specs.dvae import image_transform
 
 IMAGE_KEYS = ("jpg", "png", "jpeg", "webp")
@@ -70,9 +70,11 @@ def encode_shard(
     pending: list[torch.Tensor] = []
     skipped = 0
 
+    device = next(dvae.parameters()).device
+
     def flush() -> None:
-        batch = torch.stack(pending)
-        codes.extend(dvae.encode(batch).to(torch.int16).numpy())
+        batch = torch.stack(pending).to(device, non_blocking=True)
+        codes.extend(dvae.encode(batch).to(torch.int16).cpu().numpy())
         keys.extend(pending_keys)
         pending.clear()
         pending_keys.clear()
@@ -111,9 +113,10 @@ def encode_shards(
     out_uri: str | None = None,
     batch_size: int = 256,
     s3: S3Settings | None = None,
+    device: str = "cpu",
 ) -> list[ShardCodes]:
-    """``encode_shard`` for each tar with the exported dVAE ``dvae_checkpoint``."""
-    dvae = load_dvae(local_copy(dvae_checkpoint, s3))
+    """``encode_shard`` for each tar with the exported dVAE ``dvae_checkpoint`` on ``device``."""
+    dvae = load_dvae(local_copy(dvae_checkpoint, s3)).to(device)
     transform = image_transform(dvae.config.image_size)
     return [encode_shard(uri, dvae, transform, out_uri, batch_size, s3) for uri in shard_uris]
 
@@ -121,7 +124,8 @@ def encode_shards(
 def _encode_one(shard_uri: str, cfg_json: str) -> ShardCodes:
     cfg = EncodeConfig.model_validate_json(cfg_json)
     s3 = cfg.store.s3
-    return encode_shards([shard_uri], cfg.dvae_checkpoint, cfg.out, cfg.batch_size, s3)[0]
+    device = "cuda" if cfg.gpus_per_task > 0 else "cpu"  # Ray set CUDA_VISIBLE_DEVICES
+    return encode_shards([shard_uri], cfg.dvae_checkpoint, cfg.out, cfg.batch_size, s3, device)[0]
 
 
 def check_inputs(cfg: EncodeConfig) -> None:
@@ -140,6 +144,13 @@ def encode_dataset(cfg: EncodeConfig) -> list[ShardCodes]:
     found = resolve_shards(DataConfig(source=cfg.source), cfg.store.s3)
     shards = [s.uri for s in found if s.samples != 0]
     init_ray(cfg.ray_address)
-    task = ray.remote(num_cpus=cfg.cpus_per_task, max_retries=cfg.max_retries)(_encode_one)
+    if cfg.gpus_per_task > 0 and not ray.cluster_resources().get("GPU"):
+        raise DataError(  # Ray would queue GPU tasks forever on a cluster without GPUs
+            f"gpus_per_task = {cfg.gpus_per_task} but the Ray cluster has no GPUs; "
+            "set gpus_per_task=0 to code on CPUs"
+        )
+    task = ray.remote(
+        num_cpus=cfg.cpus_per_task, num_gpus=cfg.gpus_per_task, max_retries=cfg.max_retries
+    )(_encode_one)
     cfg_json = cfg.model_dump_json()
     return ray.get([task.remote(uri, cfg_json) for uri in shards])

@@ -9,6 +9,7 @@ checkpoint if there is one, and trains, reporting metrics and checkpoints throug
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from dataprep.state import state_dir
 from training.config import TrainConfig
 from training.parallel import (
     DTYPES,
+    build_model,
     check_precision,
     deepspeed_config,
     make_optimizer,
@@ -168,7 +170,8 @@ def train_worker(config: dict) -> None:
     torch.set_num_threads(cfg.scale.cpus_per_worker)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     spec = get_spec(cfg.spec)
-    model = spec.build(cfg)
+    spec.prepare(cfg)
+    model = build_model(lambda: spec.build(cfg), cfg, world, spec.late_inits)
     if cfg.engine.activation_checkpointing:
         spec.enable_activation_checkpointing(model)
     optimizer = make_optimizer(param_groups(model, spec, cfg.optim.weight_decay), cfg)
@@ -179,7 +182,7 @@ def train_worker(config: dict) -> None:
         config=deepspeed_config(cfg, world),
         dist_init_required=False,  # Ray Train already set up the process group
     )
-    step, metrics_rows = _restore(engine)
+    step, metrics_rows = _restore(engine, rank)
     store = cfg.store.open()
     sink = None
     if rank == 0:
@@ -231,7 +234,7 @@ def _train(cfg, spec, engine, rank: int, world: int, step: int, sink) -> None:
     dtype = DTYPES[cfg.engine.precision]
     accum = cfg.engine.grad_accum_steps
     batches = _batches(cfg, spec, rank, world, step)
-    window = _Window()
+    window = _Window(engine.device)
     while step < cfg.steps:
         for _ in range(accum):
             batch = _to_device(next(batches), engine.device, dtype)
@@ -243,8 +246,9 @@ def _train(cfg, spec, engine, rank: int, world: int, step: int, sink) -> None:
         extra = spec.after_step(engine.module)
         metrics: dict = {}
         if step % cfg.log_every == 0 or step == cfg.steps:
-            metrics = window.reduce(engine, world) | extra
-        if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 or step == cfg.steps:
+            metrics = window.reduce(engine.get_lr()[0], world) | extra
+        due = cfg.eval.every_steps and step % cfg.eval.every_steps == 0 or step == cfg.steps
+        if due and cfg.eval.set != "none":  # on every rank: each scores its share
             engine.eval()
             with torch.no_grad():
                 metrics |= spec.evaluate(engine.module, cfg, dtype)
@@ -258,32 +262,39 @@ def _train(cfg, spec, engine, rank: int, world: int, step: int, sink) -> None:
 
 
 class _Window:
-    """Loss terms and throughput since the last log, averaged over ranks when reported."""
+    """Loss terms and throughput since the last log, averaged over ranks when reported.
 
-    def __init__(self):
-        self.sums: dict[str, float] = {}
+    Sums stay on the engine's ``device``: no host sync per micro-step, and the all-reduce gets
+    a tensor of the device NCCL serves (it takes CUDA tensors only; gloo takes CPU ones)."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.sums: dict[str, torch.Tensor] = {}
         self.count, self.samples, self.skipped = 0, 0, 0
         self.started = time.monotonic()
 
     def add(self, terms: dict, batch: dict, global_samples: int) -> None:
         for name, value in terms.items():
-            self.sums[name] = self.sums.get(name, 0.0) + float(value.detach())
+            value = value.detach().float().reshape(()).to(self.device)
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
         self.count += 1
         self.samples += global_samples
         self.skipped += int(batch.get("skipped", 0))
 
-    def reduce(self, engine, world: int) -> dict:
+    def reduce(self, lr: float, world: int) -> dict:
         names = sorted(self.sums)
-        values = torch.tensor([self.sums[n] / self.count for n in names] + [self.skipped])
+        skipped = torch.tensor([float(self.skipped)], device=self.device)
+        values = torch.cat([torch.stack([self.sums[n] for n in names]) / self.count, skipped])
         if world > 1:
             dist.all_reduce(values)
             values[: len(names)] /= world
+        values = values.tolist()
         elapsed = time.monotonic() - self.started
-        metrics = {f"train/{n}": float(v) for n, v in zip(names, values[: len(names)], strict=True)}
-        metrics["lr"] = engine.get_lr()[0]
+        metrics = {f"train/{n}": v for n, v in zip(names, values[: len(names)], strict=True)}
+        metrics["lr"] = lr
         metrics["samples_per_s"] = self.samples / elapsed if elapsed > 0 else 0.0
         metrics["data/skipped_samples"] = int(values[-1])
-        self.__init__()
+        self.__init__(self.device)
         return metrics
 
 
@@ -317,15 +328,38 @@ def _save(engine, step: int, metrics: dict) -> None:
         )
 
 
-def _restore(engine) -> tuple[int, list]:
+def _restore(engine, rank: int) -> tuple[int, list]:
     """Load the run's latest checkpoint, if any: weights, optimizer, LR schedule and step."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0, []
-    with checkpoint.as_directory() as path:
-        _, client_state = engine.load_checkpoint(path)
+    with tempfile.TemporaryDirectory(dir=_work_dir()) as tmp:
+        download_rank_share(checkpoint, rank, Path(tmp))
+        _, client_state = engine.load_checkpoint(tmp)
     step = int(client_state[CLIENT_STATE])
     print(f"resumed from {checkpoint.path} at step {step}", flush=True)
     return step, []
+
+
+_RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")  # DeepSpeed's per-rank partition files
+
+
+def download_rank_share(checkpoint, rank: int, dest: Path) -> list[str]:
+    """Copy the files of a Ray Train checkpoint that ``rank`` loads into ``dest``: its own ZeRO
+    partitions and the shared files, not the other ranks' partitions (for the 12B, ~200 GB a
+    worker otherwise). Returns the relative paths copied."""
+    import pyarrow.fs as pafs
+
+    fs, root = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    copied = []
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        relative = info.path[len(root) :].lstrip("/")
+        owner = _RANK_FILE.search(Path(relative).name)
+        if info.type != pafs.FileType.File or (owner and int(owner.group(1)) != rank):
+            continue
+        (dest / relative).parent.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(info.path, str(dest / relative), source_filesystem=fs)
+        copied.append(relative)
+    return sorted(copied)

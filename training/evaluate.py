@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import cv2
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
@@ -32,6 +33,8 @@ from dataprep.sampleweb.corpus import (
     make_caption,
     render_image,
 )
+from dataprep.store import S3Settings, open_store, split_uri
+from training.losses import rank_and_world
 
 Template = str | Callable[[str], str]
 
@@ -62,25 +65,62 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def encode_images(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Normalised image features [N, D] of preprocessed images [N, 3, H, W]."""
+def rank_share(n: int) -> tuple[list[int], int]:
+    """This rank's indices of ``n`` items and how many of them are real: ``ceil(n / world)`` on
+    every rank, the last ones padded with item ``n - 1``, so every rank runs as many forwards
+    (ZeRO-3 gathers the weights in each one, with all ranks)."""
+    rank, world = rank_and_world()
+    per = -(-n // world)
+    return [min(i, n - 1) for i in range(rank * per, (rank + 1) * per)], max(
+        0, min(per, n - rank * per)
+    )
+
+
+def gather_shares(local: torch.Tensor, n: int) -> torch.Tensor:
+    """Every rank's ``rank_share`` rows [per, ...] -> all ``n`` rows, in order, on every rank.
+    The gather runs on the tensor's device (NCCL takes only CUDA tensors)."""
+    _, world = rank_and_world()
+    if world == 1:
+        return local[:n]
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local.contiguous())
+    return torch.cat(parts)[:n]
+
+
+def encode_images(
+    model: nn.Module, images: torch.Tensor, batch_size: int = 256, sharded: bool = False
+) -> torch.Tensor:
+    """Normalised image features [N, D] of preprocessed images [N, 3, H, W]. ``sharded``: each
+    rank encodes its share and the features are gathered (call it on every rank)."""
+    n = len(images)
+    if sharded:
+        images = images[rank_share(n)[0]]
     with _eval_mode(model) as m:
         device = _device(m)
         feats = [m.encode_image(x.to(device), normalize=True) for x in images.split(batch_size)]
-    return torch.cat(feats).float()
+    feats = torch.cat(feats).float()
+    return gather_shares(feats, n) if sharded else feats
 
 
 def encode_texts(
-    model: nn.Module, tokenizer: Callable, texts: Sequence[str], batch_size: int = 1024
+    model: nn.Module,
+    tokenizer: Callable,
+    texts: Sequence[str],
+    batch_size: int = 1024,
+    sharded: bool = False,
 ) -> torch.Tensor:
-    """Normalised text features [N, D]."""
+    """Normalised text features [N, D]; ``sharded`` as in ``encode_images``."""
+    n = len(texts)
+    if sharded:
+        texts = [texts[i] for i in rank_share(n)[0]]
     with _eval_mode(model) as m:
         device = _device(m)
         feats = [
             m.encode_text(tokenizer(list(texts[i : i + batch_size])).to(device), normalize=True)
             for i in range(0, len(texts), batch_size)
         ]
-    return torch.cat(feats).float()
+    feats = torch.cat(feats).float()
+    return gather_shares(feats, n) if sharded else feats
 
 
 def preprocess_images(images: Sequence[Image.Image], transform: Callable) -> torch.Tensor:
@@ -94,12 +134,15 @@ def preprocess_images(images: Sequence[Image.Image], transform: Callable) -> tor
 
 
 def classifier_from_prompts(
-    model: nn.Module, tokenizer: Callable, prompts_per_class: Sequence[Sequence[str]]
+    model: nn.Module,
+    tokenizer: Callable,
+    prompts_per_class: Sequence[Sequence[str]],
+    sharded: bool = False,
 ) -> torch.Tensor:
     """Zero-shot weights [D, C]: per class, the mean of its normalised prompt embeddings,
     renormalised.  Classes may have different numbers of prompts."""
     flat = [p for prompts in prompts_per_class for p in prompts]
-    feats = encode_texts(model, tokenizer, flat)  # [P, D]
+    feats = encode_texts(model, tokenizer, flat, sharded=sharded)  # [P, D]
     return embedding_ensemble(feats, [len(prompts) for prompts in prompts_per_class])
 
 
@@ -296,17 +339,88 @@ def sampleweb_metrics(
     labels: torch.Tensor,
     captions: Sequence[str],
     prompts_per_class: Sequence[Sequence[str]] | None = None,
+    sharded: bool = False,
 ) -> dict[str, float]:
-    """Zero-shot top-1/top-5 and retrieval R@1/5/10 on preprocessed held-out images."""
+    """Zero-shot top-1/top-5 and retrieval R@1/5/10 on preprocessed held-out images.
+    ``sharded``: every rank encodes its share of images, captions and prompts (call it on
+    every rank; all get the same metrics)."""
     if prompts_per_class is None:
         prompts_per_class = sampleweb_zero_shot_setup()[1]
-    prompt_features = encode_texts(model, tokenizer, [p for ps in prompts_per_class for p in ps])
+    image_features = encode_images(model, images, sharded=sharded)  # [N, D]
+    return clip_metrics(
+        model, tokenizer, image_features, labels, captions, prompts_per_class, sharded
+    )
+
+
+def clip_metrics(
+    model: nn.Module,
+    tokenizer: Callable,
+    image_features: torch.Tensor,
+    labels: torch.Tensor | None,
+    captions: Sequence[str],
+    prompts_per_class: Sequence[Sequence[str]],
+    sharded: bool = False,
+) -> dict[str, float]:
+    """Zero-shot top-1/top-5 (without ``labels`` or prompts: none) and retrieval R@1/5/10 from
+    image features [N, D] and the images' captions."""
+    text_features = encode_texts(model, tokenizer, captions, sharded=sharded)  # [N, D]
+    metrics = retrieval_recall(image_features, text_features)
+    if labels is None or not prompts_per_class:
+        return metrics
+    flat = [p for ps in prompts_per_class for p in ps]
+    prompt_features = encode_texts(model, tokenizer, flat, sharded=sharded)
     sizes = [len(prompts) for prompts in prompts_per_class]
     classifier = embedding_ensemble(prompt_features, sizes)  # [D, C]
-    image_features = encode_images(model, images)  # [N, D]
-    text_features = encode_texts(model, tokenizer, captions)  # [N, D]
-    metrics = _topk_accuracy(image_features, classifier, labels)
+    metrics |= _topk_accuracy(image_features, classifier, labels)
     scale = logit_scale_of(model)
     probs = probability_ensemble(image_features, prompt_features, sizes, scale)  # [N, C]
     metrics |= {f"prob_ensemble_{k}": v for k, v in _topk_from_scores(probs, labels).items()}
-    return metrics | retrieval_recall(image_features, text_features)
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out shards
+# --------------------------------------------------------------------------------------------
+
+
+def heldout_shards(
+    source: str | list[str],
+    limit: int,
+    s3: S3Settings | None = None,
+    label_key: str = "cls",
+    image_key: str = "jpg;png;jpeg;webp",
+) -> tuple[list[bytes], torch.Tensor | None, list[str]]:
+    """The first ``limit`` samples of held-out shards: encoded images, class indices from
+    ``label_key`` (None unless every sample has one) and captions (``txt``). Cheap to hold:
+    each rank decodes only its share (``rank_share``)."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    from training.config import DataConfig
+    from training.shards import DataError, resolve_shards
+
+    images, labels, captions = [], [], []
+    for shard in resolve_shards(DataConfig(source=source), s3):
+        folder, name = split_uri(shard.uri)
+        with open_store(folder, s3).open(name) as stream:
+            for sample in group_by_keys(tar_file_expander([{"url": shard.uri, "stream": stream}])):
+                image = next((sample[k] for k in image_key.split(";") if k in sample), None)
+                if image is None:
+                    continue
+                images.append(image)
+                captions.append(sample.get("txt", b"").decode())
+                label = sample.get(label_key)
+                labels.append(int(label) if label is not None else None)
+                if len(images) == limit:
+                    break
+        if len(images) == limit:
+            break
+    if not images:
+        raise DataError(f"eval.source {source}: no held-out samples with an image")
+    if any(label is None for label in labels):
+        return images, None, captions
+    return images, torch.tensor(labels), captions
+
+
+def decode_images(data: Sequence[bytes], transform: Callable) -> torch.Tensor:
+    """Encoded images -> the transform's tensors [N, 3, H, W]."""
+    return preprocess_images([Image.open(io.BytesIO(d)).convert("RGB") for d in data], transform)

@@ -36,7 +36,7 @@ from torch import nn
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
-def _world() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
     """(rank, world_size) of the default process group, (0, 1) without one."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -51,7 +51,7 @@ def gather_features(
     ``with_grad``: gradients flow back to every rank's features.  Otherwise the gather is
     detached, and ``keep_local_grad`` puts this rank's own (differentiable) tensor in its slot.
     """
-    rank, world_size = _world()
+    rank, world_size = rank_and_world()
     if world_size == 1:
         return features
     if with_grad:
@@ -82,7 +82,7 @@ class ClipLoss(nn.Module):
         self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits_per_image, logits_per_text, labels) for this rank."""
-        rank, world_size = _world()
+        rank, world_size = rank_and_world()
         batch = image_features.shape[0]
         labels = torch.arange(batch, device=image_features.device)
         if world_size == 1:

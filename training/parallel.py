@@ -7,8 +7,10 @@ Models never import DeepSpeed; this module turns an `EngineConfig` into what
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+from torch import nn
 
 from training.config import TrainConfig
 
@@ -41,6 +43,57 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         "steps_per_print": 2**31 - 1,  # the engine logs metrics itself
         "wall_clock_breakdown": False,
     }
+
+
+def build_model(
+    build: Callable[[], nn.Module],
+    cfg: TrainConfig,
+    world_size: int,
+    late_inits: Callable[[nn.Module], list[tuple[list, Callable[[], None]]]] | None = None,
+) -> nn.Module:
+    """``build()``, under ZeRO-3 inside ``deepspeed.zero.Init``: each module's parameters are
+    partitioned as soon as it is constructed, so no rank ever holds the whole model (the 12B in
+    fp32 is 49 GB per rank otherwise). ZeRO 0-2 build the whole model, as DeepSpeed expects.
+    ``late_inits(model)``: (parameters, initialiser) pairs that set a child's weights from a
+    parent's ``__init__`` and saw only empty partitions there; they run again, gathered."""
+    if cfg.engine.zero.stage != 3:
+        return build()
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False)  # joins torch's group
+    with _partitioned_init(deepspeed)(config_dict_or_path=deepspeed_config(cfg, world_size)):
+        model = build()
+    for params, init in late_inits(model) if late_inits else []:
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            init()
+    return model
+
+
+def _partitioned_init(deepspeed) -> type:
+    """``deepspeed.zero.Init`` that first turns 0-dim parameters (open_clip's ``logit_scale``)
+    into shape [1]: DeepSpeed broadcasts a parameter as a byte view, which a 0-dim tensor of
+    more than one byte refuses."""
+
+    class Init(deepspeed.zero.Init):
+        def _post_init_method(self, module: nn.Module) -> None:
+            for name, param in list(module.named_parameters(recurse=False)):
+                if param.dim() == 0 and not hasattr(param, "ds_id"):
+                    setattr(
+                        module, name, nn.Parameter(param.detach().reshape(1), param.requires_grad)
+                    )
+            super()._post_init_method(module)
+
+    return Init
+
+
+def partition_numel(model: nn.Module) -> tuple[int, int]:
+    """(elements this rank stores, elements of the whole model): a ZeRO-3 partitioned
+    parameter keeps its share in ``ds_tensor`` and its full size in ``ds_numel``."""
+    local = sum(
+        p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters()
+    )
+    full = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    return local, full
 
 
 def make_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:

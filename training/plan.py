@@ -2,7 +2,9 @@
 
 Per GPU: model states from DeepSpeed's own estimators for each ZeRO option, counted on the
 model built on the meta device, plus the activations of one micro-batch where the spec
-estimates them. The verdict is the fastest option that fits (docs/training.md).
+estimates them. Per rank, the host memory that building the model takes: the whole model in
+fp32 under ZeRO 0-2, one share plus the largest layer under ZeRO-3 (training/parallel.py).
+The verdict is the fastest option that fits (docs/training.md).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class Option:
     offload_params: bool
     model_states_gb: float  # per GPU
     cpu_gb_per_node: float  # host memory DeepSpeed's estimator asks for, per node
+    build_gb_per_rank: float  # host memory one rank takes while constructing the model
     activations_gb: float | None
     total_gb: float
     fits: bool
@@ -57,6 +60,18 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     return total, largest
+
+
+def build_bytes_per_rank(
+    params: int, largest: int, stage: int, ranks: int, precision: str = "bf16"
+) -> int:
+    """Host memory one rank needs to construct the model. ZeRO 0-2: every rank builds all of it
+    in fp32. ZeRO-3 (``deepspeed.zero.Init``): its share in the training dtype, plus the largest
+    layer, which is created whole in fp32 before it is partitioned."""
+    if stage < 3:
+        return 4 * params
+    share = (4 if precision == "fp32" else 2) * -(-params // ranks)
+    return share + 4 * largest
 
 
 def meta_model(cfg: TrainConfig) -> nn.Module:
@@ -125,6 +140,8 @@ def plan_memory(
                 zero_init=True,
             )
         total = gpu / GB + (activations or 0.0)
+        build = build_bytes_per_rank(params, largest, stage, gpus, cfg.engine.precision) / GB
+        host = max(cpu / GB, build * per_node)  # building comes first, then DeepSpeed's share
         plan.options.append(
             Option(
                 name,
@@ -133,10 +150,10 @@ def plan_memory(
                 offload_params,
                 model_states_gb=gpu / GB,
                 cpu_gb_per_node=cpu / GB,
+                build_gb_per_rank=build,
                 activations_gb=activations,
                 total_gb=total,
-                fits=total <= headroom * gpu_mem_gb
-                and (cpu_mem_gb is None or cpu / GB <= cpu_mem_gb),
+                fits=total <= headroom * gpu_mem_gb and (cpu_mem_gb is None or host <= cpu_mem_gb),
             )
         )
     return plan
@@ -156,13 +173,18 @@ def format_plan(plan: MemoryPlan) -> str:
         f"activations per GPU (micro-batch {plan.micro_batch_size}, checkpointing "
         f"{'on' if plan.activation_checkpointing else 'off'}): {act}",
         "",
-        f"{'option':<42}{'states/GPU':>11}{'total/GPU':>11}{'CPU/node':>10}  fits",
+        f"{'option':<42}{'states/GPU':>11}{'total/GPU':>11}{'CPU/node':>10}"
+        f"{'build/rank':>12}  fits",
     ]
     for o in plan.options:
         lines.append(
             f"{o.name:<42}{o.model_states_gb:>9.2f}GB{o.total_gb:>9.2f}GB"
-            f"{o.cpu_gb_per_node:>8.0f}GB  {'yes' if o.fits else 'no'}"
+            f"{o.cpu_gb_per_node:>8.0f}GB{o.build_gb_per_rank:>10.2f}GB  {'yes' if o.fits else 'no'}"
         )
+    lines.append(
+        "build/rank: host memory each rank takes to construct the model (ZeRO 0-2 build it "
+        "whole in fp32; ZeRO-3 builds it partitioned)"
+    )
     verdict = plan.verdict
     lines.append("")
     if verdict is None:

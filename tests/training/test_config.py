@@ -35,3 +35,18 @@ def test_validating_a_config_imports_nothing_heavy():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_clip_uses_the_local_loss_above_the_configured_world_size():
+    from training.config import LossSection
+    from training.specs.clip import ClipSpec
+
+    assert not LossSection().use_local_loss(8) and LossSection().use_local_loss(9)
+    assert LossSection(local_loss_above=2).use_local_loss(4)
+    assert not LossSection(local_loss=False).use_local_loss(64)
+    assert LossSection(local_loss=True).use_local_loss(2)
+    for workers, local in ((9, True), (2, False)):  # the spec's loss follows the config
+        cfg = TrainConfig(name="run", data={"source": "file:///d/"}, scale={"num_workers": workers})
+        spec = ClipSpec()
+        spec.build(cfg)
+        assert spec.contrastive.local_loss is local

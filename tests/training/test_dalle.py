@@ -1,6 +1,8 @@
 """The DALL-E transformer: the 12B shape, sequence layout, loss, pads, sparse == dense model,
 checkpointing, KV cache; training through the real engine (local Ray, DeepSpeed CPU, 2 workers)."""
 
+import math
+
 import pytest
 import torch
 
@@ -222,3 +224,58 @@ def test_trains_through_the_engine_and_loss_falls(
     local_store.get_file(uri.removeprefix(local_store.root_uri + "/"), exported)
     model, dvae_uri = load_dalle(exported)
     assert model.config == tiny() and dvae_uri == dvae_checkpoint
+
+
+def dalle_eval(dvae_checkpoint: str) -> dict:
+    from training.config import TrainConfig
+    from training.specs.dalle import DalleSpec
+
+    cfg = TrainConfig(
+        name="e",
+        spec="dalle",
+        model="dalle-tiny",
+        dvae_checkpoint=dvae_checkpoint,
+        data={"source": "file:///d/"},
+        eval={"heldout_samples": 21, "batch_size": 4},  # 11 + 10 (padded) on 2 ranks
+    )
+    spec = DalleSpec()
+    torch.manual_seed(0)
+    model = spec.build(cfg).eval()
+    with torch.no_grad():
+        return spec.evaluate(model, cfg, torch.float32)
+
+
+def _dalle_eval_worker(rank: int, init_file: str, dvae_checkpoint: str, results: dict) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        results[rank] = dalle_eval(dvae_checkpoint)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_evaluation_sharded_over_ranks_equals_one_rank(dvae_checkpoint, tmp_path):
+    import torch.multiprocessing as mp
+
+    alone = dalle_eval(dvae_checkpoint)
+    with mp.Manager() as manager:
+        results = manager.dict()
+        args = (str(tmp_path / "init"), dvae_checkpoint, results)
+        mp.spawn(_dalle_eval_worker, args=args, nprocs=2, join=True)
+        results = dict(results)
+    for rank in (0, 1):
+        assert results[rank].keys() == alone.keys()
+        for name, value in alone.items():
+            assert results[rank][name] == pytest.approx(value, rel=1e-5), name
+
+
+def test_residual_projections_start_scaled_down_by_depth():
+    torch.manual_seed(0)
+    model = Dalle(tiny(n_layer=8, d_model=256, n_head=4))
+    scaled = 0.02 / math.sqrt(2 * 8)
+    assert float(model.blocks[0].attn.proj.weight.std()) == pytest.approx(scaled, rel=0.1)
+    assert float(model.blocks[3].mlp[2].weight.std()) == pytest.approx(scaled, rel=0.1)
+    assert float(model.blocks[0].attn.qkv.weight.std()) == pytest.approx(0.02, rel=0.1)

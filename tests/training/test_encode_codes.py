@@ -62,6 +62,10 @@ def test_dataset_is_coded_on_ray_and_the_loader_streams_the_codes(
     sidecar_codes = {tuple(c.flatten().tolist()) for c in codes.values()}
     assert {tuple(c.flatten().tolist()) for c in stream_codes} <= sidecar_codes
 
+    on_gpus = EncodeConfig(source=data, dvae_checkpoint=dvae_checkpoint, out=out, gpus_per_task=1)
+    with pytest.raises(DataError, match="the Ray cluster has no GPUs"):  # not queued forever
+        encode_dataset(on_gpus)
+
 
 def test_uncoded_samples_are_skipped_and_a_missing_sidecar_is_named(local_store, tmp_path):
     data = write_shards(local_store, "data")

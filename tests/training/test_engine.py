@@ -209,3 +209,92 @@ def test_resume_after_driver_sigkill_continues_steps_and_schedule(local_store, t
     for row in rows:  # the schedule continues where it was, it does not warm up again
         expected = cfg.optim.lr * shape(row["step"])
         assert row["lr"] == pytest.approx(expected, rel=1e-6), row
+
+
+# --- 2 ranks without Ray: metrics reduction and a resume's downloads ----------------------
+
+
+def _two_rank_worker(rank: int, port: int, shared: str, results: dict) -> None:
+    os.environ |= {"DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    os.environ |= {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
+    from pathlib import Path
+
+    import deepspeed
+    import ray.train
+    import torch.distributed as dist
+
+    from training.engine import _skip_shm_comm_build, _Window, download_rank_share
+
+    _skip_shm_comm_build(deepspeed)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        window = _Window(torch.device("cpu"))  # the engine's device
+        for value in (1.0, 3.0):
+            window.add({"total": torch.tensor(value * (rank + 1))}, {"skipped": rank}, 8)
+        results[rank, "metrics"] = window.reduce(0.1, 2)
+        results[rank, "sums_device"] = str(window.device)
+
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
+        ds_config = {
+            "train_micro_batch_size_per_gpu": 2,
+            "train_batch_size": 4,
+            "zero_optimization": {"stage": 3},
+            "steps_per_print": 2**31 - 1,
+        }
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            optimizer=torch.optim.AdamW(model.parameters(), lr=0.01),
+            config=ds_config,
+            dist_init_required=False,
+        )
+        engine.backward(engine(torch.randn(2, 16)).square().mean())
+        engine.step()
+        engine.save_checkpoint(shared, tag="step00000001", client_state={"mmpipe_state": 1})
+        dist.barrier()
+        own = Path(shared).parent / f"rank{rank}"
+        copied = download_rank_share(ray.train.Checkpoint.from_directory(shared), rank, own)
+        _, client_state = engine.load_checkpoint(str(own))
+        results[rank, "copied"] = copied
+        results[rank, "all"] = sorted(
+            str(p.relative_to(shared)) for p in Path(shared).rglob("*") if p.is_file()
+        )
+        results[rank, "client_state"] = client_state["mmpipe_state"]
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict:
+    import torch.multiprocessing as mp
+
+    from tests.conftest import free_port
+
+    shared = tmp_path_factory.mktemp("resume") / "checkpoint"
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_two_rank_worker, args=(free_port(), str(shared), results), nprocs=2, join=True)
+        return dict(results)
+
+
+@pytest.mark.slow
+def test_metrics_reduce_across_ranks_on_the_engines_device(two_ranks):
+    for rank in (0, 1):
+        metrics = two_ranks[rank, "metrics"]
+        assert metrics["train/total"] == pytest.approx((2.0 + 4.0) / 2)  # ranks' means: 2 and 4
+        assert metrics["data/skipped_samples"] == 2  # rank 1 skipped one per micro-batch
+        assert metrics["lr"] == 0.1
+        assert two_ranks[rank, "sums_device"] == "cpu"
+
+
+@pytest.mark.slow
+def test_resume_reads_only_its_own_partitions(two_ranks):
+    everything = two_ranks[0, "all"]
+    assert any("zero_pp_rank_1_" in f for f in everything)  # both ranks' partitions are there
+    for rank, other in ((0, 1), (1, 0)):
+        copied = two_ranks[rank, "copied"]
+        assert not any(f"zero_pp_rank_{other}_" in f for f in copied), copied
+        assert sum(f"zero_pp_rank_{rank}_" in f for f in copied) == 2  # model and optimizer
+        assert "latest" in copied  # the shared files come too
+        assert two_ranks[rank, "client_state"] == 1  # DeepSpeed resumed from them alone

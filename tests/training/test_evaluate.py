@@ -164,3 +164,98 @@ def test_probability_ensemble_finds_the_class_when_the_embedding_mean_does_not()
     prompts, sizes = torch.cat([a, b]), [4, 2]
     assert (image @ embedding_ensemble(prompts, sizes)).argmax().item() == 1
     assert probability_ensemble(image, prompts, sizes, logit_scale=20.0).argmax().item() == 0
+
+
+# --------------------------------------------------------------------------- sharded over ranks
+
+EVAL_N = 40  # not a multiple of the world size' per-rank batches: the last share is padded
+
+
+def write_heldout_shard(folder) -> str:
+    """A held-out shard in the ImageNet-wds layout: jpg, txt and a class index in cls."""
+    import webdataset as wds
+
+    folder.mkdir(parents=True, exist_ok=True)
+    specs = generate_corpus(EVAL_N - 1, seed=HELDOUT_SEED + 1, fault_rates={})
+    with wds.TarWriter(str(folder / "00000.tar")) as tar:
+        for i, spec in enumerate(specs):
+            label = SHAPES.index(spec.shape) * len(COLOURS) + COLOURS.index(spec.colour)
+            jpeg = crawl_border_resize(render_image(spec), 64)
+            sample = {"__key__": f"{i:05d}", "jpg": jpeg, "txt": spec.caption, "cls": str(label)}
+            tar.write(sample)
+    return (folder / "00000.tar").as_uri()
+
+
+def eval_configs(source: str):
+    from training.config import TrainConfig
+
+    base = {"name": "e", "model": "clip-tiny", "data": {"source": "file:///d/"}}
+    sampleweb = {"heldout_samples": EVAL_N + 1, "batch_size": 8}
+    shards = {
+        "set": "shards",
+        "source": source,
+        "classes": sampleweb_classnames(),
+        "templates": ["a {}.", "a drawing of a {}."],
+        "batch_size": 8,
+    }
+    return [TrainConfig(**base, eval=e) for e in (sampleweb, shards)]
+
+
+def run_evaluations(source: str) -> tuple[list[dict], int]:
+    """Both evaluation sets' metrics, and how many images this rank's image tower saw."""
+    from training.specs.clip import ClipSpec
+
+    spec = ClipSpec()
+    cfgs = eval_configs(source)
+    torch.manual_seed(0)
+    model = spec.build(cfgs[0])
+    seen = []
+    model.visual.register_forward_hook(lambda m, args, out: seen.append(len(args[0])))
+    results = [spec.evaluate(model, cfg, torch.float32) for cfg in cfgs]
+    return results, sum(seen)
+
+
+def _eval_worker(rank: int, init_file: str, source: str, results: dict) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        results[rank] = run_evaluations(source)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_evaluation_is_sharded_over_ranks_and_names_its_set(tmp_path):
+    import torch.multiprocessing as mp
+
+    source = write_heldout_shard(tmp_path / "heldout")
+    alone, seen_alone = run_evaluations(source)
+    with mp.Manager() as manager:
+        results = manager.dict()
+        args = (str(tmp_path / "init"), source, results)
+        mp.spawn(_eval_worker, args=args, nprocs=2, join=True)
+        results = dict(results)
+    sampleweb, shards = alone
+    assert {"eval/top1", "eval/image_to_text_R@1"} <= set(sampleweb) & set(shards)
+    assert sampleweb != shards  # two different sets
+    for rank in (0, 1):
+        metrics, seen = results[rank]
+        for one, sharded in zip(alone, metrics, strict=True):
+            assert sharded.keys() == one.keys()
+            for name in one:
+                assert sharded[name] == pytest.approx(one[name], abs=1e-6), name
+        # each rank encodes its half (padded to equal shares), not the whole set
+        assert seen == (EVAL_N + 1 + 1) // 2 + EVAL_N // 2
+    assert seen_alone == EVAL_N + 1 + EVAL_N - 1
+
+
+def test_held_out_shards_need_a_source():
+    from pydantic import ValidationError
+
+    from training.config import EvalSection
+
+    with pytest.raises(ValidationError, match="eval.set = 'shards' needs eval.source"):
+        EvalSection(set="shards")
+    assert EvalSection(set="none").set == "none"

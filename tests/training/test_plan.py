@@ -46,3 +46,20 @@ def test_small_models_plan_too():
     plan = plan_memory(config("configs/dvae-tiny.yaml"), gpus=2, gpu_mem_gb=16)
     assert plan.activations_gb is None and plan.verdict.name == "ZeRO-2"
     assert "M parameters" in format_plan(plan)
+
+
+def test_the_plan_says_what_building_the_model_takes_per_rank():
+    cfg = config("configs/dalle-12b.yaml")
+    plan = plan_memory(cfg, gpus=64, gpu_mem_gb=80, cpu_mem_gb=1024)
+    by_name = {o.name: o for o in plan.options}
+    whole = 4 * plan.params / GB  # ZeRO 0-2: every rank builds the 12B in fp32, ~49 GB
+    assert by_name["ZeRO-2"].build_gb_per_rank == pytest.approx(whole)
+    zero3 = by_name["ZeRO-3"].build_gb_per_rank  # its bf16 share plus the largest layer
+    share = 2 * plan.params / 64 / GB
+    assert share < zero3 <= share + 4 * plan.largest_layer_params / GB + 1e-6
+    assert zero3 < whole / 20
+    assert "build/rank" in format_plan(plan)
+    # 8 ranks x 49 GB do not fit a 256 GB host; partitioned, they do
+    small_host = plan_memory(cfg, gpus=64, gpu_mem_gb=80, cpu_mem_gb=256)
+    fits = {o.name: o.fits for o in small_host.options}
+    assert not fits["ZeRO-2"] and fits["ZeRO-3"]

@@ -203,16 +203,19 @@ class Dalle(nn.Module):
         self.text_head = nn.Linear(d, cfg.text_vocab_padded)
         self.image_head = nn.Linear(d, cfg.image_vocab)
         self.grad_checkpointing = False
-        self.apply(self._init_weights)
         # GPT-2: residual projections scaled down by depth so the residual stream stays O(1)
-        for name, param in self.named_parameters():
-            if name.endswith("attn.proj.weight") or name.endswith("mlp.2.weight"):
-                nn.init.normal_(param, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        for block in self.blocks:
+            block.attn.proj.residual_std = block.mlp[2].residual_std = 0.02 / math.sqrt(
+                2 * cfg.n_layer
+            )
+        # One `apply`: under ZeRO-3's partitioned construction (training/parallel.py) DeepSpeed
+        # gathers each module's weights around it; a plain loop would see empty partitions.
+        self.apply(self._init_weights)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=0.02)
+            nn.init.normal_(module.weight, std=getattr(module, "residual_std", 0.02))
             nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -72,6 +73,21 @@ class ModelSpec(abc.ABC):
             raise DataError(f"data.codes: {self.name} does not train on dVAE code sidecars")
         check_data(cfg.data, cfg.store.s3)
 
+    def prepare(self, cfg: TrainConfig) -> None:
+        """Load what `build` needs from elsewhere (a frozen dVAE): called before `build`, outside
+        ZeRO-3's partitioned construction, which would partition it too."""
+        return None
+
+    def late_inits(self, model: nn.Module) -> list[tuple[list[nn.Parameter], Callable[[], None]]]:
+        """Initialisers a parent's ``__init__`` applies to its children's weights (open_clip's
+        ``init_parameters``): under ZeRO-3's partitioned construction they saw only empty
+        partitions, so the engine runs them again with these parameters gathered."""
+        return [
+            (list(m.parameters()), m.init_parameters)
+            for m in model.modules()
+            if callable(getattr(m, "init_parameters", None))
+        ]
+
     def architecture(self, cfg: TrainConfig) -> nn.Module:
         """The model without what `build` loads from elsewhere: the memory planner builds it on
         the meta device."""
@@ -107,7 +123,11 @@ def param_groups(model: nn.Module, spec: ModelSpec, weight_decay: float) -> list
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if spec.no_weight_decay(name, param) else decay).append(param)
+            # A ZeRO-3 partition is a flat tensor; its full shape decides (as a meta tensor).
+            shaped = (
+                torch.empty(param.ds_shape, device="meta") if hasattr(param, "ds_shape") else param
+            )
+            (no_decay if spec.no_weight_decay(name, shaped) else decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

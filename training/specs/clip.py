@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -27,12 +28,41 @@ class ClipSpec(ModelSpec):
         return create_clip(model_name)
 
     def build(self, cfg: TrainConfig) -> nn.Module:
+        self.contrastive = ClipLoss(cfg.loss.use_local_loss(cfg.scale.num_workers))
         self.bundle.cache_clear()  # a fresh, seeded initialisation per call
         model = self.bundle(cfg.model).model
         # DeepSpeed cannot broadcast or partition 0-dim bf16 parameters (it views them as
         # bytes), so the scalar temperature trains as shape [1]; export turns it back.
-        model.logit_scale = nn.Parameter(model.logit_scale.detach().reshape(1))
+        if not hasattr(model.logit_scale, "ds_id"):  # ZeRO-3's construction did it already
+            model.logit_scale = nn.Parameter(model.logit_scale.detach().reshape(1))
         return model
+
+    def late_inits(self, model: nn.Module) -> list:
+        inits = super().late_inits(model)
+        if hasattr(model, "token_embedding"):  # open_clip's CLIP keeps the text tower's parts
+            from open_clip.transformer import TextTransformer
+
+            projection = model.text_projection
+            text = SimpleNamespace(
+                token_embedding=model.token_embedding,
+                positional_embedding=model.positional_embedding,
+                cls_emb=None,
+                transformer=model.transformer,
+                text_projection=projection,
+            )
+            params = [
+                *model.token_embedding.parameters(),
+                model.positional_embedding,
+                *model.transformer.parameters(),
+                *(projection.parameters() if isinstance(projection, nn.Module) else [projection]),
+            ]
+            inits.append(
+                (
+                    [p for p in params if p is not None],
+                    lambda: TextTransformer.init_parameters(text),
+                )
+            )
+        return inits
 
     def transform(self, cfg: TrainConfig) -> ImageTransform:
         return self.bundle(cfg.model).train_transform
@@ -60,13 +90,37 @@ class ClipSpec(ModelSpec):
         model.set_grad_checkpointing(True)
 
     def evaluate(self, model: nn.Module, cfg: TrainConfig, dtype: torch.dtype) -> dict[str, float]:
-        from training.evaluate import sampleweb_metrics
+        """Zero-shot and retrieval metrics of ``eval.set``; each rank encodes its share."""
+        from training.evaluate import (
+            clip_metrics,
+            decode_images,
+            encode_images,
+            gather_shares,
+            heldout_shards,
+            rank_share,
+            sampleweb_metrics,
+        )
 
         bundle = self.bundle(cfg.model)
-        images, labels, captions = _heldout(
-            cfg.eval.heldout_samples, cfg.eval.heldout_seed, cfg.eval.crawl_image_size, cfg.model
-        )
-        metrics = sampleweb_metrics(model, bundle.tokenizer, images.to(dtype), labels, captions)
+        e = cfg.eval
+        if e.set == "shards":
+            raw, labels, captions = heldout_shards(
+                e.source, e.heldout_samples, cfg.store.s3, e.label_key
+            )
+            share, _ = rank_share(len(raw))
+            images = decode_images([raw[i] for i in share], bundle.eval_transform).to(dtype)
+            features = gather_shares(encode_images(model, images, e.batch_size), len(raw))
+            prompts = [[t.format(c) for t in e.templates] for c in e.classes]
+            metrics = clip_metrics(
+                model, bundle.tokenizer, features, labels, captions, prompts, True
+            )
+        else:
+            images, labels, captions = _heldout(
+                e.heldout_samples, e.heldout_seed, e.crawl_image_size, cfg.model
+            )
+            metrics = sampleweb_metrics(
+                model, bundle.tokenizer, images.to(dtype), labels, captions, sharded=True
+            )
         return {f"eval/{k}": float(v) for k, v in metrics.items()}
 
     def export(self, state_dict: dict[str, torch.Tensor], cfg: TrainConfig, out: Path) -> Path:

@@ -110,8 +110,11 @@ class DalleSpec(ModelSpec):
             "dvae_checkpoint (a dVAE export: mmpipe train dvae writes runs/NAME/export/dvae.pt)",
         )
 
-    def build(self, cfg: TrainConfig) -> nn.Module:
+    def prepare(self, cfg: TrainConfig) -> None:
         self._dvae = self.dvae(cfg)  # fails early on a missing or mismatched dVAE
+
+    def build(self, cfg: TrainConfig) -> nn.Module:
+        self.prepare(cfg)
         return Dalle(model_config(cfg))
 
     def architecture(self, cfg: TrainConfig) -> nn.Module:
@@ -155,25 +158,42 @@ class DalleSpec(ModelSpec):
         model.grad_checkpointing = True
 
     def evaluate(self, model: nn.Module, cfg: TrainConfig, dtype: torch.dtype) -> dict[str, float]:
-        """Text and image cross-entropy on held-out sample-web captions and images."""
-        from training.evaluate import heldout_sampleweb
+        """Text and image cross-entropy on ``eval.set``'s captions and images; each rank scores
+        its share and the sums are reduced."""
+        from training.evaluate import decode_images, heldout_sampleweb, heldout_shards, rank_share
 
-        config = model.config
-        n = cfg.eval.heldout_samples
-        images = heldout_images(
-            n, cfg.eval.heldout_seed, cfg.eval.crawl_image_size, self._dvae.config.image_size
-        )
-        _, _, captions = heldout_sampleweb(n, cfg.eval.heldout_seed, cfg.eval.crawl_image_size)
-        text = tokenizer(config.text_vocab, config.text_len)(captions)
-        sums = {"total": 0.0, "text_ce": 0.0, "image_ce": 0.0}
-        for start in range(0, n, cfg.eval.batch_size):
-            chunk = slice(start, start + cfg.eval.batch_size)
-            codes = self.codes(images[chunk])
-            logits = model(text[chunk], codes)
-            terms = dalle_loss(*logits, text[chunk], codes)
-            for name in sums:
-                sums[name] += float(terms[name]) * codes.shape[0]
-        return {f"eval/{name}": value / n for name, value in sums.items()}
+        config, e = model.config, cfg.eval
+        size = self._dvae.config.image_size
+        if e.set == "shards":
+            raw, _, captions = heldout_shards(e.source, e.heldout_samples, cfg.store.s3)
+            share, real = rank_share(len(raw))
+            images = decode_images([raw[i] for i in share], image_transform(size))
+        else:
+            _, _, captions = heldout_sampleweb(
+                e.heldout_samples, e.heldout_seed, e.crawl_image_size
+            )
+            share, real = rank_share(len(captions))
+            images = heldout_images(len(captions), e.heldout_seed, e.crawl_image_size, size)[share]
+        text = tokenizer(config.text_vocab, config.text_len)([captions[i] for i in share])
+        device = next(model.parameters()).device
+        sums = torch.zeros(3, device=device)  # total, text_ce, image_ce, over real samples
+        for start in range(0, len(share), e.batch_size):
+            chunk = slice(start, start + e.batch_size)
+            codes = self.codes(images[chunk].to(device))
+            text_logits, image_logits = model(text[chunk].to(device), codes)
+            keep = max(0, min(real - start, codes.shape[0]))  # the padding is scored, not counted
+            if keep:
+                terms = dalle_loss(
+                    text_logits[:keep],
+                    image_logits[:keep],
+                    text[chunk][:keep].to(device),
+                    codes[:keep],
+                )
+                sums += keep * torch.stack([terms["total"], terms["text_ce"], terms["image_ce"]])
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+        total, text_ce, image_ce = (sums / len(captions)).tolist()
+        return {"eval/total": total, "eval/text_ce": text_ce, "eval/image_ce": image_ce}
 
     def export(self, state_dict: dict[str, torch.Tensor], cfg: TrainConfig, out: Path) -> Path:
         model = Dalle(model_config(cfg))

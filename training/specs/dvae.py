@@ -76,13 +76,18 @@ class DVAESpec(ModelSpec):
         model.set_grad_checkpointing(True)
 
     def evaluate(self, model: nn.Module, cfg: TrainConfig, dtype: torch.dtype) -> dict[str, float]:
-        """Reconstruction error of held-out sample-web images through argmax codes."""
-        images = heldout_images(
-            cfg.eval.heldout_samples,
-            cfg.eval.heldout_seed,
-            cfg.eval.crawl_image_size,
-            model.config.image_size,
-        )
+        """Reconstruction error of held-out images (``eval.set``) through argmax codes; every
+        rank scores the whole set (the dVAE is small)."""
+        e = cfg.eval
+        if e.set == "shards":
+            from training.evaluate import decode_images, heldout_shards
+
+            raw, _, _ = heldout_shards(e.source, e.heldout_samples, cfg.store.s3)
+            images = decode_images(raw, image_transform(model.config.image_size))
+        else:
+            images = heldout_images(
+                e.heldout_samples, e.heldout_seed, e.crawl_image_size, model.config.image_size
+            )
         errors = []
         for chunk in images.split(cfg.eval.batch_size):
             reconstruction = model.decode(model.encode(chunk.to(dtype)))
