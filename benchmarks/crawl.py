@@ -6,6 +6,9 @@ and the CPU other processes used meanwhile. What exactly is compared and how: do
 
     .venv/bin/python benchmarks/crawl.py                     # n=5000, 3 repeats of each
     .venv/bin/python benchmarks/crawl.py --n 200 --repeats 1 --warmup-n 0 --wait-quiet 0
+
+Then the same URLs on a local 4-node Ray cluster against img2dataset with 4 processes: prints
+`cluster crawl ratio <r>` (target >= 0.9; `--cluster-nodes 0` skips it).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from benchmarks.metering import OTHER_CPU_WARN, OtherLoad  # noqa: E402
 READY_TIMEOUT_S = 300.0
 MIN_SUCCESS = 0.99  # a run must crawl more than this share of the URLs to count
 TARGET_RATIO = 0.95
+TARGET_CLUSTER_RATIO = 0.9
 ENCODE_QUALITY = 95
 TIMEOUT_S = 10
 RETRIES = 0
@@ -257,6 +261,52 @@ def measure(
     return Run(tool, repeat, round(seconds, 3), n, kept, round(shard_s, 3), other)
 
 
+def alternate(urls: Path, root: Path, args, port: int, meter: OtherLoad) -> list[Run]:
+    """``args.repeats`` runs of each crawler, alternating which goes first."""
+    runs: list[Run] = []
+    for repeat in range(1, args.repeats + 1):
+        for tool in (MMPIPE, I2D) if repeat % 2 else (I2D, MMPIPE):
+            run = measure(tool, repeat, urls, args.n, root, args, port, meter)
+            runs.append(run)
+            print(
+                f"repeat {repeat}  {tool:<12} {run.seconds:6.2f} s  "
+                f"{run.kept}/{run.urls} kept  {run.images_per_s:7.1f} images/s  "
+                f"(other processes: {_cpu(run.other_cpu_s)} CPU)",
+                flush=True,
+            )
+    return runs
+
+
+def cluster_crawl(urls: Path, root: Path, args, port: int, meter: OtherLoad) -> dict:
+    """mmpipe's crawl on a local multi-node Ray cluster (a head without CPUs and
+    ``--cluster-nodes`` nodes of 1 CPU) against img2dataset with as many processes."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        for _ in range(args.cluster_nodes):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address)
+        same_cpus = argparse.Namespace(**{**vars(args), "processes": args.cluster_nodes})
+        print(f"\ncluster: {args.cluster_nodes} nodes of 1 CPU against {same_cpus.processes} "
+              "img2dataset processes", flush=True)  # fmt: skip
+        runs = alternate(urls, root, same_cpus, port, meter)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    medians = {
+        tool: statistics.median(r.images_per_s for r in runs if r.tool == tool)
+        for tool in (MMPIPE, I2D)
+    }
+    ratio = medians[MMPIPE] / medians[I2D]
+    print(f"median cluster {medians[MMPIPE]:.1f} images/s, process pool {medians[I2D]:.1f}")
+    print(f"cluster crawl ratio {ratio:.3f}  (target {TARGET_CLUSTER_RATIO})")
+    return {"nodes": args.cluster_nodes, "runs": [asdict(r) for r in runs], "ratio": ratio}
+
+
 # --------------------------------------------------------------------------- facts and report
 
 
@@ -413,6 +463,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="S",
         help="before each run, wait up to S seconds for other processes to go idle (0: don't)",
     )
+    p.add_argument(
+        "--cluster-nodes",
+        type=int,
+        default=4,
+        help="then crawl on a local Ray cluster of this many 1-CPU nodes against img2dataset "
+        "with as many processes (0: skip; default 4)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the outputs and print where")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -435,25 +492,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sample web at {web['base_url']}; work folder {root}", flush=True)
             meter = OtherLoad(pids=(web["pid"],))  # the server is ours
             startup_s = cli_startup_seconds()
+            from dataprep.ray_session import init_ray
+
+            # mmpipe crawls on Ray: a local Ray of as many CPUs as img2dataset's processes,
+            # started once (as a build starts it once), before any measured run.
+            init_ray(None, num_cpus=args.processes)
             if args.warmup_n > 0:
                 warm_n = min(args.warmup_n, args.n)
                 subset = write_subset(urls, warm_n, root / "warmup.parquet")
                 for tool in (MMPIPE, I2D):
                     run = measure(tool, 0, subset, warm_n, root / "warmup", args, port, meter)
                     print(f"warm-up  {tool:<12} {run.seconds:6.2f} s (not counted)", flush=True)
-            runs: list[Run] = []
-            for repeat in range(1, args.repeats + 1):
-                order = (MMPIPE, I2D) if repeat % 2 else (I2D, MMPIPE)
-                for tool in order:
-                    run = measure(tool, repeat, urls, args.n, root, args, port, meter)
-                    runs.append(run)
-                    print(
-                        f"repeat {repeat}  {tool:<12} {run.seconds:6.2f} s  "
-                        f"{run.kept}/{run.urls} kept  {run.images_per_s:7.1f} images/s  "
-                        f"(other processes: {_cpu(run.other_cpu_s)} CPU)",
-                        flush=True,
-                    )
-        result = report(runs, args, facts, startup_s)
+            runs = alternate(urls, root, args, port, meter)
+            result = report(runs, args, facts, startup_s)
+            if args.cluster_nodes > 0:
+                result["cluster"] = cluster_crawl(urls, root / "cluster", args, port, meter)
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
             print(f"results written to {args.json}")

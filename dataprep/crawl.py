@@ -2,24 +2,28 @@
 
 Built on img2dataset's own Downloader, Resizer and WebDataset writer (`crawl_download`); mmpipe
 adds
-- a URL policy and a total per-request deadline (`safe_http`, installed in each download process),
+- a URL policy and a total per-request deadline (`safe_http`, installed in each crawl process),
 - checks that refuse decompression bombs and truncated images before decoding,
 - resume at shard granularity: shard i is always input rows [i*N, (i+1)*N), and a shard counts
   as done only once its `NNNNN.stats.json` is in the store, written after its tar and status table;
 - a stable `reason` per sample and per-shard counts that must add up to the input.
 
+Planning cuts the URL list once into per-shard slices in the store (`staging/<name>/urls/`); each
+shard is then one Ray task, on any node, that reads its slice and writes its output to the store.
 Staging layout under `prefix`: `_plan.json`, then per shard `NNNNN.tar` (WebDataset: .jpg, .txt,
 .json), `NNNNN.parquet` (one row per input URL: status, reason, error) and `NNNNN.stats.json`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
-import multiprocessing
 import tempfile
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -28,12 +32,14 @@ from pydantic import BaseModel
 
 from dataprep.crawl_status import KEPT, MISSING, CrawlSummary, ShardStats, reason_for
 from dataprep.errors import MmpipeError
-from dataprep.stage_config import CrawlConfig
-from dataprep.store import ObjectNotFound, ObjectStore
-from dataprep.url_list import fingerprint, read_url_list
+from dataprep.ray_stages import map_shards, this_node
+from dataprep.stage_config import ClusterConfig, CrawlConfig
+from dataprep.store import ObjectNotFound, ObjectStore, S3Settings
+from dataprep.url_list import iter_url_parts, shard_slices, slice_digest
 
 OOM_SHARD_COUNT = 5  # shard names are 5 digits, as img2dataset writes them
 PLAN_KEY = "_plan.json"
+PUT_THREADS = 16  # planning writes the URL slices this many at a time
 
 
 class CrawlError(MmpipeError, RuntimeError):
@@ -67,23 +73,55 @@ def stats_key(prefix: str, shard: int) -> str:
     return f"{prefix}/{shard_name(shard)}.stats.json"
 
 
-def prepare_crawl(url_list: str, store: ObjectStore, prefix: str, cfg: CrawlConfig) -> CrawlPlan:
-    """Plan the crawl, or load the plan of an interrupted one (refusing a different input)."""
-    table = read_url_list(url_list, cfg.url_col, cfg.caption_col)
-    if table.num_rows == 0:
-        raise CrawlError(f"URL list {url_list} is empty")
-    plan = CrawlPlan(
-        url_list=url_list,
-        fingerprint=fingerprint(table),
-        rows=table.num_rows,
-        samples_per_shard=cfg.samples_per_shard,
-        shards=math.ceil(table.num_rows / cfg.samples_per_shard),
-        settings=cfg.output_settings(),
-    )
+def input_key(prefix: str, shard: int) -> str:
+    """Shard ``shard``'s slice of the URL list, written once by planning: ``staging/<name>/urls``
+    beside the crawl's own folder."""
+    return f"{prefix.rpartition('/')[0] or prefix}/urls/{shard_name(shard)}.parquet"
+
+
+def prepare_crawl(
+    url_list: str,
+    store: ObjectStore,
+    prefix: str,
+    cfg: CrawlConfig,
+    s3: S3Settings | None = None,
+) -> CrawlPlan:
+    """Plan the crawl, or load the plan of an interrupted one (refusing a different input).
+
+    Planning reads the URL list once, part by part, and writes each shard's slice of it to the
+    store: crawl tasks read only their slice. The plan, written last, commits the slices.
+    """
     key = f"{prefix}/{PLAN_KEY}"
     try:
         existing = CrawlPlan.model_validate_json(store.get_bytes(key))
     except ObjectNotFound:
+        existing = None
+    digest, rows, shards = hashlib.sha256(), 0, 0
+    tables = (t for _, t in iter_url_parts(url_list, cfg.url_col, cfg.caption_col, s3))
+    with ThreadPoolExecutor(PUT_THREADS) as puts:
+        writes = []
+        for shard, table in enumerate(shard_slices(tables, cfg.samples_per_shard)):
+            digest.update(slice_digest(table))
+            rows, shards = rows + table.num_rows, shard + 1
+            if existing is None:
+                writes.append(
+                    puts.submit(store.put_bytes, input_key(prefix, shard), _parquet(table))
+                )
+            if len(writes) >= 4 * PUT_THREADS:  # a bounded backlog of slices in memory
+                _wait_all(writes)
+                writes = []
+        _wait_all(writes)
+    if rows == 0:
+        raise CrawlError(f"URL list {url_list} is empty")
+    plan = CrawlPlan(
+        url_list=url_list,
+        fingerprint=digest.hexdigest(),
+        rows=rows,
+        samples_per_shard=cfg.samples_per_shard,
+        shards=shards,
+        settings=cfg.output_settings(),
+    )
+    if existing is None:
         store.put_bytes(key, plan.model_dump_json(indent=2).encode())
         return plan
     if (existing.fingerprint, existing.settings) != (plan.fingerprint, plan.settings):
@@ -93,6 +131,17 @@ def prepare_crawl(url_list: str, store: ObjectStore, prefix: str, cfg: CrawlConf
             "or delete that staging folder to start over"
         )
     return existing
+
+
+def _wait_all(futures: list) -> None:
+    for future in futures:
+        future.result()  # raises the write's error
+
+
+def _parquet(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
 
 
 def load_shard_stats(store: ObjectStore, prefix: str, shard: int) -> ShardStats | None:
@@ -108,57 +157,56 @@ def crawl_shards(
     store: ObjectStore,
     prefix: str,
     cfg: CrawlConfig,
-    work_root: Path,
+    work_root: Path | None = None,
     on_shard: Callable[[ShardStats], None] | None = None,
+    cluster: ClusterConfig = ClusterConfig(),  # noqa: B008 (frozen settings)
 ) -> list[ShardStats]:
-    """Crawl the given shards of a plan; committed shards are skipped. Returns stats per shard."""
+    """Crawl the given shards of a plan, one Ray task per shard; committed shards are skipped.
+    Returns stats per shard. (``work_root`` is unused: each task works in a temporary folder of
+    its own node.)"""
     done = {s: st for s in shards if (st := load_shard_stats(store, prefix, s)) is not None}
     todo = [s for s in shards if s not in done]
-    if todo:
-        work_root.mkdir(parents=True, exist_ok=True)
-        table = read_url_list(plan.url_list, cfg.url_col, cfg.caption_col)
-        if table.num_rows != plan.rows:
-            raise CrawlError(f"URL list {plan.url_list} changed since the crawl was planned")
-        with tempfile.TemporaryDirectory(dir=work_root, prefix="crawl-") as tmp:
-            for stats in _run_img2dataset(plan, table, todo, Path(tmp), cfg):
-                _commit_shard(stats, Path(tmp), store, prefix)
-                done[stats.shard] = stats
-                if on_shard is not None:
-                    on_shard(stats)
+    for stats in map_shards(
+        crawl_shard,
+        todo,
+        (plan, store, prefix, cfg),
+        ray_address=cluster.ray_address,
+        num_cpus=cluster.crawl_cpus,
+        max_retries=cfg.max_shard_retry,
+    ):
+        done[stats.shard] = stats
+        if on_shard is not None:
+            on_shard(stats)
     return [done[s] for s in shards]
 
 
-def _run_img2dataset(plan, table, shards, work: Path, cfg: CrawlConfig):
-    """Yield each shard's stats as soon as img2dataset has finished it."""
+def crawl_shard(
+    shard: int, plan: CrawlPlan, store: ObjectStore, prefix: str, cfg: CrawlConfig
+) -> ShardStats:
+    """One shard: its URL slice from the store -> img2dataset here -> tar, table, stats to the
+    store (the stats last: the commit marker)."""
     from dataprep.crawl_download import make_downloader
 
-    downloader = make_downloader(cfg, work, plan.samples_per_shard, OOM_SHARD_COUNT)
-    pending = list(shards)
-    for _attempt in range(cfg.max_shard_retry + 1):
-        rows = [_write_shard_input(plan, table, s, work) for s in pending]
-        failed = []
-        # spawn: img2dataset's own choice; workers must not inherit the caller's threads.
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(min(cfg.processes, len(rows)), maxtasksperchild=5) as pool:
-            for ok, (shard, _path) in pool.imap_unordered(downloader, rows):
-                if ok:
-                    yield _shard_stats(plan, table, shard, work)
-                else:
-                    failed.append(shard)
-        if not failed:
-            return
-        pending = sorted(failed)
-    raise CrawlError(
-        f"shards {pending} failed {cfg.max_shard_retry + 1} times (see the log above); "
-        "run the build again to resume"
-    )
+    key = input_key(prefix, shard)
+    try:
+        inputs = pq.read_table(io.BytesIO(store.get_bytes(key)))
+    except ObjectNotFound:
+        raise CrawlError(f"the URL slice of shard {shard} is missing: {store.uri(key)}") from None
+    with tempfile.TemporaryDirectory(prefix="mmpipe-crawl-") as tmp:
+        work = Path(tmp)
+        downloader = make_downloader(cfg, work, plan.samples_per_shard, OOM_SHARD_COUNT)
+        ok, _ = downloader(_write_shard_input(inputs, shard, work))
+        if not ok:
+            raise CrawlError(f"img2dataset failed on shard {shard} (see the log above)")
+        stats = _shard_stats(plan, inputs, shard, work)
+        _commit_shard(stats, work, store, prefix)
+    return stats
 
 
-def _write_shard_input(plan: CrawlPlan, table: pa.Table, shard: int, work: Path) -> tuple:
-    start, end = plan.shard_rows(shard)
+def _write_shard_input(inputs: pa.Table, shard: int, work: Path) -> tuple:
     path = work / f"{shard_name(shard)}.feather"
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table.slice(start, end - start))
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, inputs.schema) as writer:
+        writer.write_table(inputs)
     return shard, str(path)
 
 
@@ -182,12 +230,11 @@ def _shard_stats(plan: CrawlPlan, inputs: pa.Table, shard: int, work: Path) -> S
     present = set(keys)
     missing = [i for i, k in enumerate(expected) if k not in present]
     if missing:  # samples img2dataset lost on an internal error: record them, never drop silently
-        start, _ = plan.shard_rows(shard)
         filler = {c: [None] * len(missing) for c in table.column_names}
         filler["key"] = [expected[i] for i in missing]
         filler["status"] = [MISSING] * len(missing)
-        filler["url"] = [urls[start + i].as_py() for i in missing]
-        filler["caption"] = [captions[start + i].as_py() for i in missing]
+        filler["url"] = [urls[i].as_py() for i in missing]
+        filler["caption"] = [captions[i].as_py() for i in missing]
         table = pa.concat_tables([table, pa.table(filler, schema=table.schema)])
     table = table.sort_by("key")
     reasons = [
@@ -207,6 +254,7 @@ def _shard_stats(plan: CrawlPlan, inputs: pa.Table, shard: int, work: Path) -> S
         by_reason=dict(Counter(reasons).most_common()),
         duration_s=round(i2d_stats["duration"], 3),
         tar_bytes=(work / f"{name}.tar").stat().st_size,
+        node=this_node(),
     )
     stats.check()
     return stats

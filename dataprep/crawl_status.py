@@ -74,6 +74,7 @@ class ShardStats(BaseModel):
     by_reason: dict[str, int]
     duration_s: float
     tar_bytes: int
+    node: str | None = None  # the Ray node that crawled it
 
     def check(self) -> None:
         """Counts must add up to the input: nothing silently lost or duplicated."""

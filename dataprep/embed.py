@@ -6,10 +6,12 @@ filters kept, embeds image and caption in batches and publishes beside the shard
 ``embed/NNNNN.image.npy`` and ``NNNNN.text.npy`` (float32 [N, D], L2-normalised, row i = row i of
 the table), ``NNNNN.parquet`` (``key``, ``clip_score`` = cosine of the pair) and the stats last.
 The embed stage drops nothing: it records. The same code runs on a laptop's local Ray or on a
-cluster (``ray_address``; ``gpus_per_worker`` puts each actor on a GPU), with the store shared.
+cluster (``cluster.ray_address``; ``gpus_per_worker`` puts each actor on a GPU), with the store
+shared; weights in a store (``s3://``) are downloaded by each actor.
 
 Score (``score`` stage): keep pairs by an absolute threshold (LAION: 0.28 for ViT-B/32) or the
-top fraction of the build (DataComp: 0.3), applied to the recorded scores. Changing it redoes
+top fraction of the build (DataComp: 0.3; found from per-shard histograms), applied to the
+recorded scores, one Ray task per shard. Changing it redoes
 only this stage and what follows, never the embeddings (NeMo Curator's "score, then filter").
 """
 
@@ -22,7 +24,6 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -31,9 +32,18 @@ from PIL import Image
 
 from dataprep.filters import STAGE as FILTER
 from dataprep.ray_session import init_ray
-from dataprep.stage_config import EmbedConfig, ScoreConfig
+from dataprep.ray_stages import map_shards
+from dataprep.stage_config import ClusterConfig, EmbedConfig, ScoreConfig
 from dataprep.stages import KEPT, StageError, StageStats, Staging, fingerprint
-from dataprep.store import ObjectNotFound
+from dataprep.store import (
+    ObjectNotFound,
+    ObjectStore,
+    S3Settings,
+    local_copy,
+    local_path,
+    open_store,
+    split_uri,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,13 +55,28 @@ EMBED_SCHEMA = pa.schema(
 )
 
 
-def calibrated_threshold(weights: str) -> float | None:
-    """The threshold recorded in the scorer's card beside its weights, if there is one."""
-    card = Path(f"{weights}.json")
-    if not card.is_file():
-        return None
-    value = json.loads(card.read_text()).get("threshold")
+def calibrated_threshold(weights: str, s3: S3Settings | None = None) -> float | None:
+    """The threshold recorded in the scorer's card beside its weights (a path or a store URI),
+    if there is one."""
+    card = f"{weights}.json"
+    path = local_path(card)
+    if path is not None:
+        if not path.is_file():
+            return None
+        text = path.read_bytes()
+    else:
+        folder, name = split_uri(card)
+        try:
+            text = open_store(folder, s3).get_bytes(name)
+        except ObjectNotFound:
+            return None
+    value = json.loads(text).get("threshold")
     return float(value) if value is not None else None
+
+
+def store_s3(store: ObjectStore) -> S3Settings | None:
+    """The S3 settings of a build's store: weights in the same S3 service are read with them."""
+    return getattr(store, "settings", None)
 
 
 # --------------------------------------------------------------------------- embedding
@@ -60,16 +85,17 @@ def calibrated_threshold(weights: str) -> float | None:
 class Embedder:
     """A CLIP model loaded once, embedding (JPEG bytes, caption) batches."""
 
-    def __init__(self, cfg: EmbedConfig) -> None:
+    def __init__(self, cfg: EmbedConfig, s3: S3Settings | None = None) -> None:
         import torch
 
         from dataprep.clip_models import create_clip
 
         if cfg.weights is None:
-            raise ValueError("embed.weights is not set: give a local open_clip state dict")
+            raise ValueError("embed.weights is not set: give an open_clip state dict")
         torch.set_num_threads(cfg.threads_per_worker)
         device = "cuda" if cfg.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
-        self.bundle = create_clip(cfg.model, pretrained=cfg.weights, device=device)
+        weights = str(local_copy(cfg.weights, s3))  # a store URI: downloaded on this node
+        self.bundle = create_clip(cfg.model, pretrained=weights, device=device)
         self.bundle.model.eval()
         self.device = device
         self.batch_size = cfg.batch_size
@@ -291,7 +317,7 @@ class _ShardEmbedder:
 
     def __init__(self, staging: Staging, cfg: EmbedConfig, fp: str) -> None:
         self.staging, self.fp = staging, fp
-        self.embedder = Embedder(cfg)
+        self.embedder = Embedder(cfg, store_s3(staging.store))
 
     def run(self, shard: int) -> StageStats:
         return embed_shard(self.staging, shard, self.embedder, self.fp)
@@ -303,27 +329,35 @@ def embed_shards(
     cfg: EmbedConfig,
     filter_fp: str,
     on_shard: Callable[[StageStats], None] | None = None,
+    cluster: ClusterConfig = ClusterConfig(),  # noqa: B008 (frozen settings)
 ) -> list[StageStats]:
     """Embed every shard not yet committed, spread over Ray actors; stats in shard order."""
     fp = embed_fingerprint(filter_fp, cfg)
     done = {s: st for s in shards if (st := staging.stats(EMBED, s, fp)) is not None}
     todo = [s for s in shards if s not in done]
     if todo:
-        for stats in _map_on_ray(staging, todo, cfg, fp):
+        for stats in _map_on_ray(staging, todo, cfg, fp, cluster):
             done[stats.shard] = stats
             if on_shard is not None:
                 on_shard(stats)
     return [done[s] for s in shards]
 
 
-def _map_on_ray(staging: Staging, shards: list[int], cfg: EmbedConfig, fp: str):
+def _map_on_ray(
+    staging: Staging, shards: list[int], cfg: EmbedConfig, fp: str, cluster: ClusterConfig
+):
     import ray
     from ray.util import ActorPool
 
-    init_ray(cfg.ray_address)
-    actor_class = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)(
-        _ShardEmbedder
-    )
+    init_ray(cluster.ray_address)
+    # An actor lost with its node starts again elsewhere, and its shard is run again there.
+    actor_class = ray.remote(
+        num_cpus=cfg.cpus_per_worker,
+        num_gpus=cfg.gpus_per_worker,
+        max_restarts=cluster.max_retries,
+        max_task_retries=cluster.max_retries,
+        scheduling_strategy="SPREAD",
+    )(_ShardEmbedder)
     actors = [actor_class.remote(staging, cfg, fp) for _ in range(min(cfg.workers, len(shards)))]
     try:
         pool = ActorPool(actors)
@@ -336,8 +370,15 @@ def _map_on_ray(staging: Staging, shards: list[int], cfg: EmbedConfig, fp: str):
 # --------------------------------------------------------------------------- score
 
 
+HISTOGRAM_BINS = 1 << 16  # over [-1, 1]: a bin holds few scores, so the exact rank is cheap
+
+
 def resolve_threshold(
-    staging: Staging, shards: list[int], cfg: ScoreConfig, calibrated: float | None
+    staging: Staging,
+    shards: list[int],
+    cfg: ScoreConfig,
+    calibrated: float | None,
+    cluster: ClusterConfig = ClusterConfig(),  # noqa: B008 (frozen settings)
 ) -> float:
     """The absolute threshold: as configured, the score of the top fraction's last pair, or the
     scorer's calibrated one."""
@@ -350,13 +391,44 @@ def resolve_threshold(
                 "threshold (no <weights>.json card with one)"
             )
         return calibrated
-    scores = np.concatenate(
-        [staging.table(EMBED, s)["clip_score"].to_numpy() for s in shards] or [np.zeros(0)]
-    )
-    if len(scores) == 0:
+    return top_fraction_threshold(staging, shards, cfg.top_fraction, cluster)
+
+
+def top_fraction_threshold(
+    staging: Staging, shards: list[int], fraction: float, cluster: ClusterConfig
+) -> float:
+    """The score of the ``round(fraction * N)``-th best pair of the build, exactly, from per-shard
+    histograms (merged on the driver) and then the scores of the one bin that holds it."""
+    ray_options = {"ray_address": cluster.ray_address, "num_cpus": cluster.score_cpus}
+    ray_options["max_retries"] = cluster.max_retries
+    counts = np.zeros(HISTOGRAM_BINS, np.int64)
+    for shard_counts in map_shards(_score_histogram, shards, (staging,), **ray_options):
+        counts += shard_counts
+    total = int(counts.sum())
+    if total == 0:
         return 1.0
-    keep = max(1, round(cfg.top_fraction * len(scores)))
-    return float(np.sort(scores)[::-1][keep - 1])
+    keep = max(1, round(fraction * total))
+    above = np.cumsum(counts[::-1])  # above[i]: scores in the top i + 1 bins
+    top_bins = int(np.searchsorted(above, keep))  # the bin holding the keep-th score, from the top
+    target = HISTOGRAM_BINS - 1 - top_bins
+    rank = keep - (int(above[top_bins - 1]) if top_bins else 0)  # its rank inside the bin
+    in_bin = list(map_shards(_scores_in_bin, shards, (staging, target), **ray_options))
+    return float(np.sort(np.concatenate(in_bin))[::-1][rank - 1])
+
+
+def _bins(scores: np.ndarray) -> np.ndarray:
+    at = np.floor((scores.astype(np.float64) + 1.0) / 2.0 * HISTOGRAM_BINS)
+    return np.clip(at, 0, HISTOGRAM_BINS - 1).astype(np.int64)
+
+
+def _score_histogram(shard: int, staging: Staging) -> np.ndarray:
+    scores = staging.table(EMBED, shard)["clip_score"].to_numpy()
+    return np.bincount(_bins(scores), minlength=HISTOGRAM_BINS)
+
+
+def _scores_in_bin(shard: int, staging: Staging, target: int) -> np.ndarray:
+    scores = staging.table(EMBED, shard)["clip_score"].to_numpy()
+    return scores[_bins(scores) == target]
 
 
 def score_fingerprint(embed_fp: str, threshold: float) -> str:
@@ -389,7 +461,27 @@ def score_shards(
     cfg: ScoreConfig,
     embed_fp: str,
     calibrated: float | None = None,
+    cluster: ClusterConfig = ClusterConfig(),  # noqa: B008 (frozen settings)
+    on_shard: Callable[[StageStats], None] | None = None,
 ) -> tuple[float, list[StageStats]]:
-    threshold = resolve_threshold(staging, shards, cfg, calibrated)
+    """Apply the threshold to every shard not yet committed, one Ray task per shard."""
+    threshold = resolve_threshold(staging, shards, cfg, calibrated, cluster)
     fp = score_fingerprint(embed_fp, threshold)
-    return threshold, [score_shard(staging, s, threshold, fp) for s in shards]
+    done = {s: st for s in shards if (st := staging.stats(SCORE, s, fp)) is not None}
+    todo = [s for s in shards if s not in done]
+    for stats in map_shards(
+        _score_one,
+        todo,
+        (staging, threshold, fp),
+        ray_address=cluster.ray_address,
+        num_cpus=cluster.score_cpus,
+        max_retries=cluster.max_retries,
+    ):
+        done[stats.shard] = stats
+        if on_shard is not None:
+            on_shard(stats)
+    return threshold, [done[s] for s in shards]
+
+
+def _score_one(shard: int, staging: Staging, threshold: float, fp: str) -> StageStats:
+    return score_shard(staging, shard, threshold, fp)

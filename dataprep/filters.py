@@ -15,12 +15,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Callable
 
 import pyarrow as pa
 from PIL import Image
 
 from dataprep.phash import colour_signature, content_box, phash, to_signed
-from dataprep.stage_config import FilterConfig
+from dataprep.ray_stages import map_shards
+from dataprep.stage_config import ClusterConfig, FilterConfig
 from dataprep.stages import KEPT, StageStats, Staging, fingerprint
 
 STAGE = "filter"
@@ -143,6 +145,31 @@ def filter_shard(staging: Staging, shard: int, cfg: FilterConfig, fp: str) -> St
     return stats
 
 
-def filter_shards(staging: Staging, shards: list[int], cfg: FilterConfig) -> list[StageStats]:
+def filter_shards(
+    staging: Staging,
+    shards: list[int],
+    cfg: FilterConfig,
+    cluster: ClusterConfig = ClusterConfig(),  # noqa: B008 (frozen settings)
+    on_shard: Callable[[StageStats], None] | None = None,
+) -> list[StageStats]:
+    """Filter every shard not yet committed, one Ray task per shard; stats in shard order."""
     fp = filter_fingerprint(staging, cfg)
-    return [filter_shard(staging, shard, cfg, fp) for shard in shards]
+    done = {s: st for s in shards if (st := staging.stats(STAGE, s, fp)) is not None}
+    todo = [s for s in shards if s not in done]
+    args = (staging, cfg, fp)
+    for stats in map_shards(
+        _filter_one,
+        todo,
+        args,
+        ray_address=cluster.ray_address,
+        num_cpus=cluster.filter_cpus,
+        max_retries=cluster.max_retries,
+    ):
+        done[stats.shard] = stats
+        if on_shard is not None:
+            on_shard(stats)
+    return [done[s] for s in shards]
+
+
+def _filter_one(shard: int, staging: Staging, cfg: FilterConfig, fp: str) -> StageStats:
+    return filter_shard(staging, shard, cfg, fp)

@@ -153,7 +153,7 @@ def greedy_within(
 
 def semantic_dedup(source: EmbeddingSource, cfg: SemanticConfig) -> SemDedupResult:
     n = source.n
-    k = max(1, -(-n // cfg.cluster_size))
+    k = max(1, min(cfg.clusters, -(-n // cfg.cluster_size)))
     centroids = kmeans_centroids(source, k, cfg) if n else np.zeros((1, source.dim), np.float32)
     nearest, second = assign(source, centroids, cfg.boundary_margin)
     duplicate_of = np.full(n, -1, np.int64)

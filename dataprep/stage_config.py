@@ -29,8 +29,8 @@ class CrawlConfig(BaseModel):
     encode_format: Literal["jpg", "png", "webp"] = "jpg"
     encode_quality: int = Field(95, ge=0, le=100)
     samples_per_shard: int = Field(10_000, ge=1)
-    shards_per_task: int = Field(4, ge=1)  # shards crawled by one task (one process pool)
-    processes: int = Field(2, ge=1)
+    shards_per_task: int = Field(4, ge=1)  # shards per Prefect crawl task (each a Ray task)
+    processes: int = Field(2, ge=1)  # unused: shards run as Ray tasks (cluster.crawl_cpus each)
     threads: int = Field(64, ge=1)
     timeout_s: float = Field(10.0, gt=0)  # per socket operation
     deadline_s: float = Field(30.0, gt=0)  # per request, redirects and body included
@@ -82,6 +82,9 @@ class SemanticConfig(BaseModel):
     enabled: bool = True
     eps: float = Field(0.001, gt=0, lt=1)  # drop when cosine similarity > 1 - eps
     cluster_size: int = Field(1000, ge=1)  # target items per cluster: k = ceil(n / cluster_size)
+    # The most k-means clusters (a fixed cost); a cluster larger than 2 x cluster_size is split
+    # by a k-means of its own, so pairwise work per item stays bounded.
+    clusters: int = Field(2000, ge=1)
     # An item whose second-nearest centroid is within this cosine margin of its nearest is also
     # compared in that second cluster: fewer duplicate pairs split by a cluster boundary.
     boundary_margin: float = Field(0.02, ge=0)
@@ -104,6 +107,10 @@ class DedupConfig(BaseModel):
     exact: bool = True
     perceptual: PerceptualConfig = PerceptualConfig()
     semantic: SemanticConfig = SemanticConfig()
+    # How the work is cut (the kept set does not depend on either): store files per
+    # hash/cluster partition, and shards per map task.
+    partitions: int = Field(16, ge=1)
+    shards_per_task: int = Field(8, ge=1)
 
 
 class EmbedConfig(BaseModel):
@@ -121,7 +128,18 @@ class EmbedConfig(BaseModel):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
     threads_per_worker: int = Field(1, ge=1)  # torch intra-op threads in an actor
+
+
+class ClusterConfig(BaseModel):
+    """Where the build's per-shard stages run: one Ray task (embed: one actor) per shard."""
+
+    model_config = ConfigDict(extra="forbid")
+
     ray_address: str | None = None  # None: a private local Ray (in a Ray Job: its cluster)
+    crawl_cpus: float = Field(1.0, gt=0)  # per crawl task (one shard, crawl.threads threads)
+    filter_cpus: float = Field(1.0, gt=0)
+    score_cpus: float = Field(0.25, gt=0)
+    max_retries: int = Field(2, ge=0)  # a shard whose task failed or whose node died runs again
 
 
 class ScoreConfig(BaseModel):

@@ -32,6 +32,7 @@ from pydantic import BaseModel
 from dataprep.crawl import PLAN_KEY, CrawlPlan, shard_name
 from dataprep.crawl_status import ShardStats
 from dataprep.errors import MmpipeError
+from dataprep.ray_stages import this_node
 from dataprep.store import ObjectNotFound, ObjectStore, StoreError
 
 KEPT = "kept"
@@ -57,6 +58,7 @@ class StageStats(BaseModel):
     count: int  # input samples (the previous stage's kept)
     kept: int
     by_reason: dict[str, int]  # KEPT and each drop reason
+    node: str | None = None  # the Ray node that ran it
 
     @classmethod
     def of(cls, stage: str, shard: int, fp: str, reasons: list[str]) -> StageStats:
@@ -67,6 +69,7 @@ class StageStats(BaseModel):
             count=len(reasons),
             kept=reasons.count(KEPT),
             by_reason=dict(Counter(reasons).most_common()),
+            node=this_node(),
         )
         stats.check()
         return stats

@@ -21,7 +21,8 @@ import shutil
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -44,6 +45,7 @@ from dataprep.errors import MmpipeError
 
 MiB = 1024 * 1024
 _COPY_BUFFER = MiB
+REQUEST_THREADS = 16  # requests in flight at once: latency-bound, not CPU-bound
 
 # Name of an in-flight local write: hidden, and unmistakable for a real key (keys that
 # look like this are rejected), so list() can skip it and delete_prefix() never races it.
@@ -111,6 +113,23 @@ def _check_key(key: str) -> str:
     return key
 
 
+def _folder_prefix(prefix: str) -> str:
+    """A folder prefix is '' or a key prefix ending in '/'."""
+    if prefix and not prefix.endswith("/"):
+        raise InvalidKey(f"invalid folder prefix {prefix!r}: must be '' or end with '/'")
+    return _check_prefix(prefix)
+
+
+def concurrently(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+    """``[fn(x) for x in items]`` with REQUEST_THREADS requests in flight (clients are
+    thread-safe); the first error is raised once all have finished."""
+    items = list(items)
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=min(REQUEST_THREADS, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
 def _check_prefix(prefix: str) -> str:
     """A prefix is '' or the start of a key (it may end with '/' or mid-name)."""
     if prefix:
@@ -160,6 +179,25 @@ class ObjectStore(abc.ABC):
 
         Only complete objects are listed, never in-flight or abandoned writes.
         """
+
+    @abc.abstractmethod
+    def list_folders(self, prefix: str = "") -> list[str]:
+        """Sorted names of the folders right under ``prefix`` (``""`` or ending in ``/``): one
+        level, like S3's Delimiter="/", so the objects inside them are never listed."""
+
+    def put_files(self, items: Iterable[tuple[str, str | Path]]) -> None:
+        """``put_file`` of each (key, path), several requests in flight."""
+        concurrently(lambda item: self.put_file(*item), items)
+
+    def exists_many(self, keys: Iterable[str]) -> list[bool]:
+        """``exists`` of each key, several requests in flight."""
+        return concurrently(self.exists, keys)
+
+    def delete_keys(self, keys: Iterable[str]) -> int:
+        """Remove each key (absent ones too); return how many were asked for."""
+        keys = list(keys)
+        concurrently(self.delete, keys)
+        return len(keys)
 
     @abc.abstractmethod
     def delete(self, key: str) -> None:
@@ -299,6 +337,15 @@ class LocalStore(ObjectStore):
                 if key.startswith(prefix):
                     keys.append(key)
         return sorted(keys)
+
+    def list_folders(self, prefix: str = "") -> list[str]:
+        folder = self.root.joinpath(*_folder_prefix(prefix).split("/")[:-1])
+        try:
+            with os.scandir(folder) as entries:
+                return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+        except OSError as e:
+            _raise_unless_missing(e)
+            return []
 
     def check_reachable(self, timeout_s: float = 5.0) -> None:
         pass  # a folder on this machine: nothing to reach
@@ -526,6 +573,17 @@ class S3Store(ObjectStore):
                         keys.append(key)
         return sorted(keys)
 
+    def list_folders(self, prefix: str = "") -> list[str]:
+        root = f"{self.prefix}/" if self.prefix else ""
+        full_prefix = root + _folder_prefix(prefix)
+        folders = []
+        with self._errors(f"{self.root_uri}/{prefix}"):
+            pages = self._client().get_paginator("list_objects_v2")
+            for page in pages.paginate(Bucket=self.bucket, Prefix=full_prefix, Delimiter="/"):
+                for common in page.get("CommonPrefixes", []):
+                    folders.append(common["Prefix"][len(full_prefix) :].removesuffix("/"))
+        return sorted(f for f in folders if f)
+
     def check_reachable(self, timeout_s: float = 5.0) -> None:
         probe = self._make_client(probe_timeout_s=timeout_s)
         prefix = f"{self.prefix}/" if self.prefix else ""
@@ -538,10 +596,15 @@ class S3Store(ObjectStore):
             self._client().delete_object(Bucket=self.bucket, Key=self._s3_key(key))
 
     def delete_prefix(self, prefix: str) -> int:
-        keys = self.list(prefix)
-        for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
-            batch = keys[start : start + 1000]
-            with self._errors(f"{self.root_uri}/{prefix}"):
+        return self._delete_batches(self.list(prefix), f"{self.root_uri}/{prefix}")
+
+    def delete_keys(self, keys: Iterable[str]) -> int:
+        return self._delete_batches([_check_key(k) for k in keys], self.root_uri)
+
+    def _delete_batches(self, keys: list[str], where: str) -> int:
+        def delete_batch(start: int) -> None:
+            batch = keys[start : start + 1000]  # DeleteObjects takes at most 1000 keys
+            with self._errors(where):
                 response = self._client().delete_objects(
                     Bucket=self.bucket,
                     Delete={"Objects": [{"Key": self._s3_key(k)} for k in batch], "Quiet": True},
@@ -549,24 +612,29 @@ class S3Store(ObjectStore):
             if errors := response.get("Errors"):
                 first = errors[0]
                 raise StoreError(
-                    f"could not delete {len(errors)} objects under {self.root_uri}/{prefix}, "
+                    f"could not delete {len(errors)} objects under {where}, "
                     f"e.g. {first.get('Key')}: {first.get('Code')} {first.get('Message')}"
                 )
+
+        concurrently(delete_batch, range(0, len(keys), 1000))
         return len(keys)
 
     def delete_abandoned(self, prefix: str) -> int:
         # Incomplete multipart uploads: invisible, but they are kept (and billed) until aborted.
         root = f"{self.prefix}/" if self.prefix else ""
-        removed = 0
+
+        def abort(upload: dict[str, Any]) -> None:
+            with self._errors(f"{self.root_uri}/{prefix}"):
+                self._client().abort_multipart_upload(
+                    Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                )
+
+        uploads = []
         with self._errors(f"{self.root_uri}/{prefix}"):
             pages = self._client().get_paginator("list_multipart_uploads")
             for page in pages.paginate(Bucket=self.bucket, Prefix=root + _check_prefix(prefix)):
-                for upload in page.get("Uploads", []):
-                    self._client().abort_multipart_upload(
-                        Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                    )
-                    removed += 1
-        return removed
+                uploads += page.get("Uploads", [])
+        return len(concurrently(abort, uploads))
 
     def arrow_filesystem(self, prefix: str = "") -> tuple[Any, str]:
         import pyarrow.fs

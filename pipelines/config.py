@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dataprep.errors import MmpipeError
 from dataprep.stage_config import (
+    ClusterConfig,
     CrawlConfig,
     DedupConfig,
     EmbedConfig,
@@ -39,8 +40,11 @@ class BuildConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")  # dataset name, used in keys
-    urls: str  # URL list: parquet, csv, tsv, jsonl or txt with `url` (+ `caption`) columns
+    # URL list: a parquet, csv, tsv, jsonl or txt file with `url` (+ `caption`) columns, or a
+    # folder or glob of such parts; a path or s3://
+    urls: str
     store: StoreConfig = StoreConfig()
+    cluster: ClusterConfig = ClusterConfig()  # where the per-shard stages run (Ray)
     crawl: CrawlConfig = CrawlConfig()
     filter: FilterConfig = FilterConfig()
     embed: EmbedConfig = EmbedConfig()
@@ -50,7 +54,7 @@ class BuildConfig(BaseModel):
     crawl_only: bool = False  # stop after the crawl (no scorer needed)
     task_retries: int = Field(2, ge=0)
     task_retry_delay_s: float = Field(5.0, ge=0)
-    concurrent_tasks: int = Field(1, ge=1)  # crawl tasks at once; each runs crawl.processes
+    concurrent_tasks: int = Field(1, ge=1)  # crawl tasks (groups of shards) at once
     # The build lock's lease: a holder that stops renewing it (dead on another host) loses it
     # after this long; on the holder's own host its exit frees the lock at once.
     lock_lease_s: float = Field(300.0, ge=3)
@@ -67,6 +71,7 @@ class BuildConfig(BaseModel):
             score=self.score,
             dedup=self.dedup,
             publish=self.publish,
+            cluster=self.cluster,
         )
 
 

@@ -17,8 +17,8 @@ from pydantic import BaseModel
 from dataprep import build
 from dataprep.crawl import CrawlPlan, ShardStats, crawl_shards, prepare_crawl, summarize
 from dataprep.crawl_status import CrawlSummary
-from dataprep.filters import filter_fingerprint, filter_shard
 from dataprep.publish import AlteredDataset, list_datasets, manifest_uri
+from dataprep.ray_session import init_ray
 from dataprep.stages import StageStats, StageSummary, Staging
 from dataprep.state import state_dir
 from pipelines import build_report
@@ -30,7 +30,8 @@ from pipelines.report import crawl_markdown, reason_rows
 
 @task(name="plan-crawl", retries=2, retry_delay_seconds=2)
 def plan_crawl(config: BuildConfig) -> CrawlPlan:
-    return prepare_crawl(config.urls, config.store.open(), config.staging_prefix(), config.crawl)
+    store = config.store.open()
+    return prepare_crawl(config.urls, store, config.staging_prefix(), config.crawl, config.store.s3)
 
 
 def _group_name() -> str:
@@ -46,12 +47,11 @@ def crawl_group(config: BuildConfig, plan: CrawlPlan, shards: list[int]) -> list
     work = state_dir() / "work" / config.name
 
     def log_shard(stats: ShardStats) -> None:
-        logger.info("shard %05d: %d/%d kept", stats.shard, stats.kept, stats.count)
+        node = (stats.node or "-")[:12]
+        logger.info("shard %05d: %d/%d kept on node %s", stats.shard, stats.kept, stats.count, node)
 
-    store = config.store.open()
-    return crawl_shards(
-        plan, shards, store, config.staging_prefix(), config.crawl, work, on_shard=log_shard
-    )
+    store, prefix = config.store.open(), config.staging_prefix()
+    return crawl_shards(plan, shards, store, prefix, config.crawl, work, log_shard, config.cluster)
 
 
 def _run_name() -> str:
@@ -73,6 +73,7 @@ class BuildResult(BaseModel):
 def build_dataset(config: BuildConfig) -> BuildResult:
     """Crawl a URL list, filter, CLIP-score, deduplicate and publish a dataset version."""
     with dataset_build_lock(config.name, lease_s=config.lock_lease_s) as lock:  # one at a time
+        init_ray(config.cluster.ray_address)  # once for the whole build; its stages share it
         crawl = _build(config)
         lock.check()
         if config.crawl_only:
@@ -122,40 +123,29 @@ def _work(config: BuildConfig) -> Path:
     return state_dir() / "work" / config.name
 
 
-def _shards_name() -> str:
-    from prefect.runtime import task_run
-
-    shards = task_run.parameters["shards"]
-    return f"filter shards {shards[0]:05d}-{shards[-1]:05d}"
-
-
-@task(name="filter-shards", task_run_name=_shards_name)
-def filter_group(config: BuildConfig, shards: list[int], fp: str) -> list[StageStats]:
-    staging = _staging(config)
-    return [filter_shard(staging, shard, config.filter, fp) for shard in shards]
-
-
-@task(name="embed")
-def embed_task(config: BuildConfig, filtered: build.StageResult) -> build.StageResult:
+@task(name="stage")
+def stage_task(config: BuildConfig, stage: build.Stage, previous: build.StageResult):
+    """One stage over every shard (its shards run as Ray tasks): per-shard counts go to the log
+    and a progress artifact, never one Prefect task per shard."""
     logger = get_run_logger()
+    ctx = _context(config)
+    progress = create_progress_artifact(
+        0.0, key=f"{config.name}-{stage.name}-progress", description=f"{stage.name}: shards done"
+    )
+    done = 0
 
     def log_shard(stats: StageStats) -> None:
-        logger.info("embedded shard %05d: %d samples", stats.shard, stats.count)
+        nonlocal done
+        done += 1
+        logger.info(
+            "%s shard %05d: %d/%d kept on node %s",
+            stage.name, stats.shard, stats.kept, stats.count, (stats.node or "-")[:12],
+        )  # fmt: skip
+        update_progress_artifact(progress, 100.0 * done / len(ctx.shards))
 
-    return build.run_embed(_staging(config), _all_shards(config), config.embed, filtered, log_shard)
-
-
-@task(name="score")
-def score_task(config: BuildConfig, embedded: build.StageResult) -> build.StageResult:
-    staging = _staging(config)
-    weights = config.embed.weights
-    return build.run_score(staging, _all_shards(config), config.score, weights, embedded)
-
-
-@task(name="dedup")
-def dedup_task(config: BuildConfig, scored: build.StageResult) -> build.StageResult:
-    staging = _staging(config)
-    return build.run_dedup(staging, _all_shards(config), config.dedup, scored, _work(config))
+    result = stage.run(ctx, previous, log_shard)
+    update_progress_artifact(progress, 100.0)
+    return result
 
 
 def _unless_altered(task, task_run, state) -> bool:
@@ -183,22 +173,14 @@ def _all_shards(config: BuildConfig) -> list[int]:
     return list(range(_staging(config).crawl_plan().shards))
 
 
+def _context(config: BuildConfig) -> build.BuildContext:
+    return build.BuildContext(_staging(config), _all_shards(config), config.stages(), _work(config))
+
+
 def _retrying(task_fn, config: BuildConfig):
     return task_fn.with_options(
         retries=config.task_retries, retry_delay_seconds=config.task_retry_delay_s
     )
-
-
-def _filter_stage(config: BuildConfig, crawl: build.StageResult) -> build.StageResult:
-    staging = _staging(config)
-    fp = filter_fingerprint(staging, config.filter)
-    shards = _all_shards(config)
-    per_task = config.crawl.shards_per_task
-    groups = [shards[i : i + per_task] for i in range(0, len(shards), per_task)]
-    futures = [_retrying(filter_group, config).submit(config, g, fp) for g in groups]
-    stats = [s for future in futures for s in future.result()]
-    summary = StageSummary.of("filter", stats)
-    return build.StageResult(stage="filter", fingerprint=fp, summary=summary)
 
 
 def _build_after_crawl(
@@ -211,10 +193,9 @@ def _build_after_crawl(
         )
     staging = _staging(config)
     results = [build.crawl_result(staging, _all_shards(config))]
-    results.append(_filter_stage(config, results[-1]))
-    results.append(_retrying(embed_task, config)(config, results[-1]))
-    results.append(_retrying(score_task, config)(config, results[-1]))
-    results.append(_retrying(dedup_task, config)(config, results[-1]))
+    for stage in build.STAGES:  # the library's own stage order
+        run_stage = _retrying(stage_task, config).with_options(name=stage.name)
+        results.append(run_stage(config, stage, results[-1]))
     lock.check()  # a build whose lock was taken over must not publish
     published_before = set(list_datasets(staging.store))
     manifest = _retrying(publish_task, config)(config, results)

@@ -137,7 +137,7 @@ def submit(
         entrypoint=entrypoint(command, python, module),
         runtime_env=runtime_env(working_dir, env),
         submission_id=job_id,
-        metadata={"mmpipe.run": cfg.name, "mmpipe.model": cfg.spec},
+        metadata={"mmpipe.run": cfg.name, "mmpipe.model": getattr(cfg, "spec", "build-dataset")},
     )
 
 

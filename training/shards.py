@@ -20,6 +20,7 @@ import braceexpand
 import pydantic
 
 from dataprep.errors import MmpipeError
+from dataprep.publish_plan import shard_index_rows
 from dataprep.store import (
     ObjectNotFound,
     ObjectStore,
@@ -166,27 +167,64 @@ class _ManifestShard(pydantic.BaseModel):
 
 
 class _Manifest(pydantic.BaseModel):
-    shards: list[_ManifestShard]
+    shards: list[_ManifestShard] = []
+    shard_index: str | None = None  # publish's index beside the manifest (then no "shards")
 
 
 def _manifest(uri: str, s3: S3Settings | None) -> list[ShardInfo]:
-    """``{"shards": [{"path": <relative to the manifest's folder>, "samples": N, ...}]}``; a
-    shard's ``bytes`` and ``sha256``, when given, are what its readers check it against."""
+    """``{"shards": [{"path": <relative to the manifest's folder>, "samples": N, ...}]}``, or
+    publish's ``{"shard_index": "shards.parquet"}`` naming a parquet index of the same rows; a
+    shard's ``bytes`` and ``sha256``, when given, are what its readers check it against. Shards
+    with them are not looked up (their readers fail on a missing one); others are, one listing
+    per folder."""
     folder, key = split_shard_uri(uri)
     store = open_folder(folder, s3)
     try:
         manifest = _Manifest.model_validate(_read_json(store, key, "manifest"))
+        if manifest.shard_index is not None:
+            _check_relative(uri, manifest.shard_index)
+            manifest.shards = _read_index(store, manifest.shard_index)
     except pydantic.ValidationError as e:
         raise DataError(f"cannot read manifest {uri}: not a shard manifest: {e}") from None
     for shard in manifest.shards:
-        parts = shard.path.split("/")
-        if shard.path.startswith("/") or any(p in ("", ".", "..") for p in parts):
-            raise DataError(f"manifest {uri}: shard path {shard.path!r} must stay in its folder")
-    located = _locate([f"{folder.rstrip('/')}/{s.path}" for s in manifest.shards], s3)
+        _check_relative(uri, shard.path)
+    uris = [f"{folder.rstrip('/')}/{s.path}" for s in manifest.shards]
+    if all(s.bytes is not None and s.sha256 is not None for s in manifest.shards):
+        located = _canonical(uris, s3)
+    else:
+        located = [at.uri for at in _locate(uris, s3)]
     return [
-        ShardInfo(at.uri, s.samples, s.sha256, s.bytes)
+        ShardInfo(at, s.samples, s.sha256, s.bytes)
         for at, s in zip(located, manifest.shards, strict=True)
     ]
+
+
+def _check_relative(uri: str, path: str) -> None:
+    parts = path.split("/")
+    if path.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise DataError(f"manifest {uri}: shard path {path!r} must stay in its folder")
+
+
+def _read_index(store: ObjectStore, key: str) -> list[_ManifestShard]:
+    try:
+        rows = shard_index_rows(store.get_bytes(key))
+    except ObjectNotFound:
+        raise DataError(f"shard index not found: {store.uri(key)}") from None
+    except (StoreError, ValueError) as e:
+        raise DataError(f"cannot read shard index {store.uri(key)}: {e}") from e
+    return [_ManifestShard.model_validate(row) for row in rows]
+
+
+def _canonical(uris: list[str], s3: S3Settings | None) -> list[str]:
+    """Shard URIs as their folders' stores spell them, without a request."""
+    stores: dict[str, ObjectStore] = {}
+    canonical = []
+    for uri in uris:
+        parent, name = split_shard_uri(uri)
+        if parent not in stores:
+            stores[parent] = open_folder(parent, s3)
+        canonical.append(stores[parent].uri(name))
+    return canonical
 
 
 @dataclasses.dataclass(frozen=True)

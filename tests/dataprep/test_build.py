@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from dataprep.build import STAGES as STAGE_ORDER
 from dataprep.build import StagesConfig, build_after_crawl
 from dataprep.crawl import CrawlConfig, crawl_shards, prepare_crawl
 from dataprep.dedup import DedupConfig, dedup_shards
@@ -105,6 +106,7 @@ def built(crawled, clip_scorer, tmp_path_factory):
 def test_every_stage_accounts_for_its_input(built):
     specs, staging, plan, manifest = built
     stages = manifest.stages
+    assert list(stages) == ["crawl", *(s.name for s in STAGE_ORDER)]  # the flow runs this list
     assert stages["crawl"].count == len(specs)
     previous = stages["crawl"]
     for stage in STAGES:
@@ -209,6 +211,7 @@ def test_score_precision_meets_the_issue_target_on_one_corpus(built):
 BUILD_SCRIPT = """
 import json, sys
 from pathlib import Path
+from dataprep.build import STAGES as STAGE_ORDER
 from dataprep.build import StagesConfig, build_after_crawl
 from dataprep.stages import Staging
 from dataprep.store import open_store

@@ -1,13 +1,11 @@
 """The parts of the post-crawl stages, on small data: filters, hashes, dedup, resharding, versions."""
 
 import io
-import itertools
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from dataprep.dedup import candidate_pairs, exact_duplicates
 from dataprep.filters import FilterConfig, caption_reason, image_reason, judge_sample
 from dataprep.phash import (
     colour_distance,
@@ -15,7 +13,6 @@ from dataprep.phash import (
     content_box,
     hamming,
     phash,
-    to_signed,
 )
 from dataprep.publish import (
     DatasetManifest,
@@ -138,29 +135,7 @@ def test_colour_signature_tells_recoloured_layouts_apart():
     assert colour_distance(colour_signature(red), colour_signature(red)) == 0
 
 
-def test_multi_index_candidates_contain_every_close_pair():
-    rng = np.random.default_rng(0)
-    base = rng.integers(0, 2**63, 200, dtype=np.int64)
-    flips = [np.int64(1) << np.int64(b) for b in rng.integers(0, 63, (200, 5))]
-    near = base ^ np.bitwise_or.reduce(np.array(flips), axis=1)  # 5 bits or fewer apart
-    hashes = np.concatenate([base, near])
-    threshold = 6
-    found = set()
-    for i, j in candidate_pairs(hashes, threshold):
-        found.update(zip(i.tolist(), j.tolist(), strict=True))
-    brute = {
-        (i, j)
-        for i, j in itertools.combinations(range(len(hashes)), 2)
-        if hamming(hashes[i], hashes[j]) <= threshold
-    }
-    assert brute <= found
-    assert len(found) < len(hashes) ** 2 / 20  # far from all pairs
-    assert to_signed(2**64 - 1) == -1
-
-
-def test_exact_duplicates_keep_the_first():
-    dup = exact_duplicates(["a", "b", "a", "c", "b", "a"], np.ones(6, bool))
-    assert dup.tolist() == [-1, -1, 0, -1, 1, 0]
+# exact and perceptual edges: tests/dataprep/test_dedup.py
 
 
 # --------------------------------------------------------------------------- semantic

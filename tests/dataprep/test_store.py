@@ -169,6 +169,32 @@ def test_delete_prefix(store: ObjectStore) -> None:
     assert store.list() == []
 
 
+def test_list_folders_lists_one_level_only(store: ObjectStore) -> None:
+    for key in ["d/a/v1/0.tar", "d/a/v1/m.json", "d/a/v2/0.tar", "d/b/v1/x", "d/top", "e/z"]:
+        store.put_bytes(key, b".")
+    assert store.list_folders() == ["d", "e"]
+    assert store.list_folders("d/") == ["a", "b"]
+    assert store.list_folders("d/a/") == ["v1", "v2"]
+    assert store.list_folders("d/a/v1/") == []
+    assert store.list_folders("nothing/") == []
+    with pytest.raises(ValueError, match="must be '' or end with '/'"):
+        store.list_folders("d/a")
+
+
+def test_batched_puts_heads_and_deletes(store: ObjectStore, tmp_path: Path) -> None:
+    files = []
+    for i in range(40):
+        path = tmp_path / f"{i}.bin"
+        path.write_bytes(bytes([i]) * (i + 1))
+        files.append((f"many/{i:03d}", path))
+    store.put_files(files)
+    assert store.list("many/") == [key for key, _ in files]
+    assert store.get_bytes("many/007") == bytes([7]) * 8
+    assert store.exists_many(["many/000", "many/xyz", "many/039"]) == [True, False, True]
+    assert store.delete_keys([f"many/{i:03d}" for i in range(0, 40, 2)] + ["many/absent"]) == 21
+    assert store.list("many/") == [f"many/{i:03d}" for i in range(1, 40, 2)]
+
+
 def test_missing_object_raises_object_not_found_naming_uri(
     store: ObjectStore, tmp_path: Path
 ) -> None:

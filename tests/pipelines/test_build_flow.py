@@ -11,6 +11,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, Fl
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 from prefect.testing.utilities import prefect_test_harness
 
+from dataprep import build
 from dataprep.publish import AlteredDataset, read_manifest
 from pipelines.cli import main
 from pipelines.config import BuildConfig
@@ -48,7 +49,7 @@ async def published_events(timeout_s: float = 30.0) -> list:
 
 async def read_run():
     async with get_client() as client:
-        keys = [f"{NAME}-{s}-counts" for s in STAGES]
+        keys = [f"{NAME}-{s}-counts" for s in STAGES] + [f"{NAME}-{s}-progress" for s in STAGES]
         keys += [f"{NAME}-build-images", f"{NAME}-dataset-summary"]
         artifacts = await client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys))
@@ -98,7 +99,12 @@ def test_build_dataset_flow_publishes_and_reports(
     artifacts, task_runs = asyncio.run(read_run())
     names = {t.name.rsplit("-", 1)[0] for t in task_runs}
     assert {"embed", "score", "dedup", "publish"} <= names
-    assert {"filter shards 00000-00001", "filter shards 00002-00003"} <= {t.name for t in task_runs}
+    # one task per stage (not per shard), in the library's own order (build_after_crawl's)
+    ran = sorted(task_runs, key=lambda t: t.start_time)
+    ran = [t.name.rsplit("-", 1)[0] for t in ran if t.name.rsplit("-", 1)[0] in STAGES]
+    assert ran == [stage.name for stage in build.STAGES] == list(STAGES)
+    for stage in build.STAGES[:-1]:  # per-shard stages: progress streamed shard by shard
+        assert artifacts[f"{NAME}-{stage.name}-progress"].data == 100.0
     for stage in STAGES:
         rows = artifacts[f"{NAME}-{stage}-counts"].data
         rows = json.loads(rows) if isinstance(rows, str) else rows  # the API returns JSON text
@@ -124,3 +130,23 @@ def test_build_dataset_flow_publishes_and_reports(
     _, task_runs = asyncio.run(read_run())
     failed = [t for t in task_runs if t.name.startswith("publish") and t.state.is_failed()]
     assert [t.run_count for t in failed] == [1]
+
+
+def test_build_names_its_cluster_and_launches_as_a_ray_job(tmp_path):
+    from pipelines.cli import build_config_from_args, build_parser, parse_args
+    from tests.conftest import free_port
+    from tests.pipelines.conftest import mmpipe
+
+    argv = ["build", "--config", "configs/demo.yaml", "--ray-address", "10.0.0.1:6379"]
+    config = build_config_from_args(parse_args(build_parser(), argv))
+    assert config.cluster.ray_address == config.stages().cluster.ray_address == "10.0.0.1:6379"
+
+    address = f"http://127.0.0.1:{free_port()}"  # nothing listens: the launch stops in one line
+    env = {"MMPIPE_STATE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    result = mmpipe("launch", "--address", address, "--", *argv, env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"mmpipe: error: cannot reach the Ray cluster at {address}")
+    bad = mmpipe("launch", "--address", address, "--", "build", "--config", "configs/demo.yaml",
+                 "cluster.cpus=2", env=env)  # fmt: skip
+    assert bad.returncode == 2 and "cluster.cpus: unknown field" in bad.stderr  # checked here

@@ -10,6 +10,7 @@ from typing import Any
 import pydantic
 import pytest
 
+from dataprep.publish_plan import shard_index_bytes
 from dataprep.store import ObjectStore
 from tests.training.test_data import loader, write_dataset
 from training.config import DataConfig
@@ -93,3 +94,34 @@ def test_check_data_reads_each_shards_first_tar_header(store: ObjectStore) -> No
     store.put_bytes("ds/00001.tar", b"<html>not a tar</html>" * 40)  # what a bad copy leaves
     with pytest.raises(DataError, match=f"shard {re.escape(uris[1])} is not a readable tar"):
         check_data(cfg, s3)
+
+
+def test_a_published_manifest_reads_its_shard_index_without_listing(store: ObjectStore) -> None:
+    """publish's manifest names a parquet index; shards with sha256s are not looked up (a
+    rank reads 2 objects, whatever the number of shards), check_data still finds a missing one."""
+    uris = write_dataset(store, "ds", shards=3)
+    rows = []
+    for s in range(3):
+        data = store.get_bytes(f"ds/{s:05d}.tar")
+        sha = hashlib.sha256(data).hexdigest()
+        rows.append({"path": f"{s:05d}.tar", "samples": 37, "bytes": len(data), "sha256": sha})
+    store.put_bytes("ds/shards.parquet", shard_index_bytes(rows))
+    store.put_bytes("ds/manifest.json", json.dumps({"shard_index": "shards.parquet"}).encode())
+    store.put_bytes("ds/inline.json", json.dumps({"shards": rows}).encode())
+    s3 = getattr(store, "settings", None)
+    indexed = resolve_shards(DataConfig(source=store.uri("ds/manifest.json")), s3)
+    assert indexed == resolve_shards(DataConfig(source=store.uri("ds/inline.json")), s3)
+    assert indexed == [ShardInfo(u, 37) for u in uris]
+    assert [(s.bytes, s.sha256) for s in indexed] == [(r["bytes"], r["sha256"]) for r in rows]
+
+    store.delete("ds/00001.tar")
+    cfg = DataConfig(source=store.uri("ds/manifest.json"))
+    assert resolve_shards(cfg, s3) == indexed  # no listing, no lookup
+    with pytest.raises(DataError, match=f"cannot read shard {re.escape(uris[1])}"):
+        check_data(cfg, s3)
+    store.put_bytes("ds/shards.parquet", b"not parquet")
+    with pytest.raises(DataError, match="cannot read shard index .*shards.parquet"):
+        resolve_shards(cfg, s3)
+    store.put_bytes("ds/manifest.json", json.dumps({"shard_index": "../x.parquet"}).encode())
+    with pytest.raises(DataError, match="must stay in its folder"):
+        resolve_shards(cfg, s3)
