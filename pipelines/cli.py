@@ -27,11 +27,19 @@ from training.registry import spec_names
 SERVE_CONFIG = "configs/serve.yaml"
 
 
+def build_config_from_args(args: argparse.Namespace) -> BuildConfig:
+    overrides = list(args.overrides)
+    if args.ray_address:
+        overrides.append(f"cluster.ray_address={args.ray_address}")
+    return load_config(BuildConfig, args.config, overrides)
+
+
 def cmd_build(args: argparse.Namespace) -> int:
-    config = load_config(BuildConfig, args.config, args.overrides)
+    config = build_config_from_args(args)
     from dataprep.url_list import check_url_list
 
-    check_url_list(config.urls, config.crawl.url_col, config.crawl.caption_col)
+    crawl = config.crawl
+    check_url_list(config.urls, crawl.url_col, crawl.caption_col, config.store.s3)
     config.store.open().check_reachable()
     build_with_progress(config)
     return 0
@@ -193,7 +201,10 @@ def cmd_server(args: argparse.Namespace) -> int:
     if args.server_command == "start":
         section = _serve_config(args).server
         info = server.start_server(
-            args.host or section.host, args.port or section.port, section.startup_timeout_s
+            args.host or section.host,
+            args.port or section.port,
+            section.startup_timeout_s,
+            args.database_url or section.database_url,
         )
         print(f"Prefect server running (pid {info.pid}): UI at {info.ui_url}")
         print(f"mmpipe commands now use it; `mmpipe server stop` stops it (log: {info.log})")
@@ -217,28 +228,57 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from pipelines import deployments
+
+    config = _serve_config(args)
+    api_url = os.environ.get("PREFECT_API_URL")
+    if not api_url:  # workers cannot reach this process's ephemeral API
+        raise ConfigError("mmpipe deploy needs a Prefect server: `mmpipe server start` first")
+    project_dir = Path(args.working_dir) if args.working_dir else None
+    for deployment in deployments.deploy(config, args.pool, project_dir):
+        print(f"deployed {deployment.flow_name}/{deployment.name} to work pool {args.pool}")
+    print(f"run them with: PREFECT_API_URL={api_url} prefect worker start --pool {args.pool}")
+    return 0
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
     from pipelines.launch import launch
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     train_args = parse_args(build_parser(), command)
-    if getattr(train_args, "func", None) is not cmd_train:
+    if getattr(train_args, "func", None) not in (cmd_train, cmd_build):
         raise ConfigError(
-            "mmpipe launch runs a training command. Fix: mmpipe launch --address "
+            "mmpipe launch runs a training command or a build. Fix: mmpipe launch --address "
             "http://HEAD:8265 -- train clip --config configs/clip-tiny.yaml"
         )
-    cfg = train_config_from_args(train_args, inputs=False)  # the cluster's paths, not ours
     env = {}
     for item in args.env or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--env {item!r} must look like NAME=VALUE")
         env[key] = value
+    if train_args.func is cmd_build:  # the build driver on the head; its inputs as it sees them
+        return launch_build(args.address, command, build_config_from_args(train_args), env, args)
+    cfg = train_config_from_args(train_args, inputs=False)  # the cluster's paths, not ours
     result = launch(args.address, command, cfg, env, python=args.python)
     print(f"Ray job {result.job_id}: {result.status}")
     print(f"run folder: {result.run_uri}")
     print(f"latest checkpoint: {result.checkpoint_uri or '(none visible from here)'}")
     return 0 if result.status == "SUCCEEDED" else 1
+
+
+def launch_build(address: str, command: list[str], cfg, env: dict, args) -> int:
+    """`mmpipe build ...` as a Ray Job: the driver runs on the head, its stages on the cluster."""
+    from pipelines import launch as jobs
+
+    client = jobs.connect(address)
+    job_id = jobs.submit(client, cfg, command, env, Path.cwd(), args.python, "pipelines.cli")
+    print(f"submitted Ray job {job_id} to {address}")
+    jobs.stream_logs(client, job_id)
+    status = jobs.wait_terminal(client, job_id)
+    print(f"Ray job {job_id}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
 
 
 DESCRIPTION = """From image URLs to trained CLIP and DALL-E models.
@@ -266,9 +306,9 @@ def cmd_datasets_list(args: argparse.Namespace) -> int:
     if not published:
         print(f"no published datasets in {store.uri('datasets')}")
     for name, version in published:
-        manifest = read_manifest(store, name, version)
+        manifest = read_manifest(store, name, version, shards=False)  # not the shard index
         print(
-            f"{name}@{version}  {manifest.samples} samples  {len(manifest.shards)} shards  "
+            f"{name}@{version}  {manifest.samples} samples  {manifest.shard_count} shards  "
             f"{manifest.bytes / 1e6:.1f} MB  {manifest.created_at}"
         )
     return 0
@@ -279,9 +319,15 @@ def cmd_datasets_show(args: argparse.Namespace) -> int:
 
     name, _, version = args.dataset.partition("@")
     store = _dataset_store(args)
-    manifest = read_manifest(store, name, version or None)
-    print(manifest_uri(store, manifest.name, manifest.version))
-    print(manifest.model_dump_json(indent=2))
+    manifest = read_manifest(store, name, version or None, shards=False)  # not the index
+    uri = manifest_uri(store, manifest.name, manifest.version)
+    if args.json:
+        print(uri)
+        print(manifest.to_json().decode())  # as published: shards inline only in older versions
+        return 0
+    from pipelines.dataset_summary import format_manifest
+
+    print(format_manifest(manifest, uri))
     return 0
 
 
@@ -317,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     build = sub.add_parser("build", help="build a dataset (Prefect flow build-dataset)")
     with_config(build)
+    build.add_argument(
+        "--ray-address", help="Ray cluster the per-shard stages run on (default: a local Ray)"
+    )
     build.set_defaults(func=cmd_build, uses_prefect=True)
 
     train = sub.add_parser("train", help="train a model on Ray + DeepSpeed (flow train-MODEL)")
@@ -374,13 +423,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for command, func, text in (
         ("list", cmd_datasets_list, "every published NAME@VERSION"),
-        ("show", cmd_datasets_show, "the manifest of NAME[@VERSION] (default: latest)"),
+        ("show", cmd_datasets_show, "summary of NAME[@VERSION] (latest); --json: as is"),
         ("verify", cmd_datasets_verify, "check every shard of NAME[@VERSION] against its sha256"),
     ):
         p = datasets_sub.add_parser(command, help=text)
         if command != "list":
             p.add_argument("dataset", metavar="NAME[@VERSION]")
         p.add_argument("--store", help="store URL (default: store.url unset, STATE/store)")
+        if command == "show":
+            p.add_argument("--json", action="store_true", help="the manifest itself, as JSON")
         p.set_defaults(func=func)
     _add_ops_commands(sub)
     return parser
@@ -438,6 +489,9 @@ def _add_ops_commands(sub) -> None:
     start.add_argument("--config", help=f"serve config (default: {SERVE_CONFIG})")
     start.add_argument("--host", help="address to bind (default from config: 127.0.0.1)")
     start.add_argument("--port", type=int, help="port (default from config: 4200)")
+    start.add_argument(
+        "--database-url", help="postgresql+asyncpg://USER@HOST:PORT/DB (default: SQLite in STATE)"
+    )
     srv_sub.add_parser("stop", help="stop it")
     srv_sub.add_parser("status", help="print its URL and health")
     srv.set_defaults(func=cmd_server)
@@ -449,6 +503,13 @@ def _add_ops_commands(sub) -> None:
         "--apply-only", action="store_true", help="create or update the deployments, then exit"
     )
     serve.set_defaults(func=cmd_serve, uses_prefect=True)
+
+    deploy = sub.add_parser("deploy", help="deploy to a work pool, for `prefect worker start`")
+    deploy.add_argument("--config", help=f"serve config (default: {SERVE_CONFIG})")
+    deploy.add_argument("--pool", default="mmpipe", help="process work pool (created if missing)")
+    deploy.add_argument("--working-dir", help="the project root on the workers (default: here)")
+    deploy.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    deploy.set_defaults(func=cmd_deploy, uses_prefect=True)
 
     launch = sub.add_parser(
         "launch",

@@ -1,4 +1,5 @@
-"""`mmpipe serve`: Prefect deployments for the build and training flows, from configs/serve.yaml.
+"""`mmpipe serve` and `mmpipe deploy`: Prefect deployments of the build and training flows, from
+configs/serve.yaml, run by this process (`serve`) or by the workers of a work pool (`deploy`).
 
 - `build-dataset/<dataset>`: one per build config, on its cron or interval schedule (or on
   demand), with the config (URL list, dataset name, ...) as its parameters; one run at a time.
@@ -6,6 +7,7 @@
   with `on_publish`, a DeploymentEventTrigger starts it when `mmpipe.dataset.published` is
   emitted for that dataset, training on the published manifest under the run name
   `<run>-<version>`; with `cluster_address`, its runs train on that Ray cluster as Ray Jobs.
+- `alerts:` adds the automation that posts failed runs to a webhook (`pipelines.alerts`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from pipelines.config import BuildConfig, ConfigError, load_config
@@ -103,13 +106,67 @@ def deployments(config: ServeConfig) -> list:
 
 def apply_deployments(config: ServeConfig) -> list[str]:
     """Create or update the deployments (and their triggers) on the Prefect API; returns ids."""
-    return [str(d.apply()) for d in deployments(config)]
+    ids = [str(d.apply()) for d in deployments(config)]
+    apply_alerts_of(config)
+    return ids
+
+
+def apply_alerts_of(config: ServeConfig) -> None:
+    """The alerts automation of `config.alerts`, if it asks for one."""
+    if config.alerts:
+        from pipelines.alerts import apply_alerts
+
+        apply_alerts(config.alerts)
+
+
+def deploy(config: ServeConfig, pool: str = "mmpipe", project_dir: Path | None = None) -> list:
+    """Create or update the deployments on the `process` work pool `pool` (created if missing)
+    for `prefect worker start --pool POOL` to run; returns them.
+
+    Workers import the flows from the installed mmpipe (module-path entrypoints) and run them
+    in `project_dir` (default: here), where the configs' relative paths point."""
+    found = deployments(config)
+    _ensure_process_pool(pool)
+    working_dir = str(project_dir or Path.cwd().resolve())  # as the workers see it
+    for deployment in found:
+        deployment.entrypoint = _module_entrypoint(deployment.flow_name)
+        deployment.job_variables = {**deployment.job_variables, "working_dir": working_dir}
+        deployment.apply(work_pool_name=pool)
+    apply_alerts_of(config)
+    return found
+
+
+def _module_entrypoint(flow_name: str) -> str:
+    """Where a worker imports a flow from: `pipelines.flows.build_dataset`, ..."""
+    if flow_name == "build-dataset":
+        return "pipelines.flows.build_dataset"
+    return f"pipelines.training_flows.{flow_name.replace('-', '_')}"  # train_clip, ...
+
+
+def _ensure_process_pool(pool: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            found = client.read_work_pool(pool)
+        except ObjectNotFound:
+            template = ProcessWorker.get_default_base_job_template()
+            client.create_work_pool(
+                WorkPoolCreate(name=pool, type="process", base_job_template=template)
+            )
+            return
+    if found.type != "process":
+        raise ConfigError(f"work pool {pool} is of type {found.type}, not process")
 
 
 def serve(config: ServeConfig) -> None:
     """Create the deployments and run their flow runs here until Ctrl-C or SIGTERM; either
     pauses their schedules and returns."""
     found = deployments(config)
+    apply_alerts_of(config)
     runner = _runner()
     for deployment in found:
         runner.add_deployment(deployment)

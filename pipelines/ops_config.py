@@ -7,6 +7,8 @@ to the directory `mmpipe serve` runs in.
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from training.config import SpecName
@@ -22,6 +24,8 @@ class ServerSection(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(4200, ge=1, le=65535)
     startup_timeout_s: float = Field(90.0, gt=0)
+    # postgresql+asyncpg://USER@HOST:PORT/DB, password in PGPASSWORD; None: SQLite in STATE
+    database_url: str | None = None
 
 
 class Schedule(_Strict):
@@ -67,9 +71,25 @@ class TrainDeployment(_Strict):
     cluster_address: str | None = Field(None, pattern=r"^https?://")
 
 
+class Alerts(_Strict):
+    """A webhook notified when a build or training run ends in one of the `on` states."""
+
+    webhook_url: str = Field(pattern=r"^https?://")  # Slack/Teams incoming webhook, a pager
+    on: list[Literal["Failed", "Crashed", "TimedOut", "Cancelled"]] = ["Failed", "Crashed"]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on(cls, data: Any) -> Any:
+        """YAML 1.1 reads the key `on` as the boolean true."""
+        if isinstance(data, dict) and True in data:
+            data = {("on" if key is True else key): value for key, value in data.items()}
+        return data
+
+
 class ServeConfig(_Strict):
-    """Everything `mmpipe serve` and `mmpipe server` need."""
+    """Everything `mmpipe serve`, `mmpipe deploy` and `mmpipe server` need."""
 
     server: ServerSection = ServerSection()
+    alerts: Alerts | None = None  # created with the deployments as a Prefect automation
     builds: list[BuildDeployment] = []
     training: list[TrainDeployment] = []

@@ -3,8 +3,9 @@
 The server runs detached (`prefect server start` in its own process group), with its files in
 `STATE/prefect` (database `server.db`, log `server.log`) and a record `server.json` (pid, URL).
 While a recorded server is healthy, the `mmpipe` command points flows at it (PREFECT_API_URL);
-otherwise flows use Prefect's ephemeral local API. For production, point the server at Postgres
-with PREFECT_API_DATABASE_CONNECTION_URL (taken from the environment, never from a file).
+otherwise flows use Prefect's ephemeral local API. For a team, the server keeps its database in
+PostgreSQL (`--database-url`, `server.database_url` or PREFECT_API_DATABASE_CONNECTION_URL),
+checked by `pipelines.database` before the server starts.
 
 This module imports nothing from Prefect: the CLI calls it before Prefect reads its settings.
 """
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from dataprep.errors import MmpipeError
 from dataprep.state import state_dir
+from pipelines.database import check_database, masked, server_database_url
 
 HEALTH_TIMEOUT_S = 2.0
 
@@ -39,6 +41,7 @@ class ServerInfo:
     pid: int
     url: str  # the API URL, http://HOST:PORT/api; the UI is at http://HOST:PORT
     log: str
+    database: str = ""  # its URL, password masked; empty: SQLite in STATE
 
     @property
     def ui_url(self) -> str:
@@ -108,13 +111,16 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def server_env(api_url: str) -> dict[str, str]:
-    """The server's environment: its home and (unless Postgres is configured) SQLite in STATE."""
+def server_env(api_url: str, database_url: str | None = None) -> dict[str, str]:
+    """The server's environment: its home and database (default: SQLite in STATE)."""
     env = dict(os.environ)
     env.pop("PREFECT_API_URL", None)  # the server is the API, it is not a client of one
     env["PREFECT_UI_API_URL"] = api_url  # where the browser finds the API (default: port 4200)
+    env["PREFECT_UI_URL"] = api_url.removesuffix("/api")  # links in alerts
     env["PREFECT_HOME"] = str(prefect_dir())
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    if database_url:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = server_database_url(database_url)
     env.setdefault(
         "PREFECT_API_DATABASE_CONNECTION_URL",
         f"sqlite+aiosqlite:///{prefect_dir() / 'server.db'}",
@@ -122,8 +128,17 @@ def server_env(api_url: str) -> dict[str, str]:
     return env
 
 
-def start_server(host: str = "127.0.0.1", port: int = 4200, timeout_s: float = 90.0) -> ServerInfo:
-    """Start the server detached and wait until it is healthy; reuse a healthy recorded one."""
+def start_server(
+    host: str = "127.0.0.1",
+    port: int = 4200,
+    timeout_s: float = 90.0,
+    database_url: str | None = None,
+) -> ServerInfo:
+    """Start the server detached and wait until it is healthy; reuse a healthy recorded one.
+    `database_url` (else PREFECT_API_DATABASE_CONNECTION_URL, else SQLite) is checked first."""
+    database_url = database_url or os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL")
+    if database_url:
+        check_database(database_url)
     running = recorded_server()
     if running and is_healthy(running.url):
         return running
@@ -142,10 +157,11 @@ def start_server(host: str = "127.0.0.1", port: int = 4200, timeout_s: float = 9
             stdout=log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=server_env(api_url),
+            env=server_env(api_url, database_url),
             start_new_session=True,  # its own process group: survives the CLI, stops as one
         )
-    info = ServerInfo(pid=proc.pid, url=api_url, log=str(log))
+    database = masked(database_url) if database_url else ""
+    info = ServerInfo(pid=proc.pid, url=api_url, log=str(log), database=database)
     _record_path().write_text(json.dumps(asdict(info)))
     _wait_healthy(proc, info, timeout_s)
     return info
@@ -204,4 +220,5 @@ def status_lines() -> list[str]:
         f"  UI:  {info.ui_url}",
         f"  API: {info.url}",
         f"  log: {info.log}",
+        f"  database: {info.database or 'SQLite in ' + str(prefect_dir())}",
     ]

@@ -20,7 +20,9 @@ from prefect.artifacts import (
 )
 
 from pipelines import launch as ray_job
+from pipelines.build_report import png_markdown
 from pipelines.report import training_markdown
+from pipelines.training_report import curves_png
 from training.config import TrainConfig
 from training.engine import TrainResult, launch
 from training.export import export_run
@@ -142,7 +144,22 @@ def train_and_report(cfg: TrainConfig, cluster_address: str | None = None) -> di
         key=f"{cfg.name}-summary",
         description=f"training run {cfg.name}",
     )
+    _curves_artifact(cfg, rows)
     return {"result": result.__dict__, "export": exported, "final": rows[-1] if rows else {}}
+
+
+def _curves_artifact(cfg: TrainConfig, rows: list[dict]) -> None:
+    """The loss and held-out metric curves: a PNG beside the metrics, shown in an artifact."""
+    if (png := curves_png(rows)) is None:
+        return
+    store = cfg.store.open()
+    key = f"{cfg.run_prefix()}/report/curves.png"
+    store.put_bytes(key, png)
+    create_markdown_artifact(
+        png_markdown(f"{cfg.name}: loss and held-out metrics", png, store.uri(key)),
+        key=f"{cfg.name}-curves",
+        description=f"{cfg.name}: loss and held-out metric curves",
+    )
 
 
 @functools.cache

@@ -173,6 +173,7 @@ def test_prefect_yaml_entrypoints_are_flows_and_parameters_validate():
         for trigger in deployment.get("triggers", []):
             assert trigger["expect"] == ["mmpipe.dataset.published"]
             flow.validate_parameters(render_templates(trigger["parameters"], payload))
-        assert deployment["work_pool"]["job_variables"]["image"] == IMAGE
+        pool = deployment["work_pool"]  # the process pool the image's workers take runs from
+        assert pool["name"] == "mmpipe" and pool["job_variables"]["working_dir"] == "/opt/mmpipe"
     build = project["deployments"][0]
     assert build["concurrency_limit"] == 1 and build["schedules"][0]["cron"]

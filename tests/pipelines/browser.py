@@ -30,6 +30,14 @@ FLAGS = [
 ]
 
 
+ARTIFACTS_DIR = Path("state/test-artifacts")  # screenshots kept after the test (CI uploads)
+
+
+def keep(shot: Path) -> None:
+    ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shot, ARTIFACTS_DIR / shot.name)
+
+
 def chromium_path() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -47,7 +47,7 @@ def test_train_clip_flow_trains_exports_and_reports(local_store, tmp_path, monke
     with prefect_test_harness(server_startup_timeout=120):
         outcome = train_clip(cfg)
         found, runs = asyncio.run(
-            artifacts(["flowclip-progress", "flowclip-eval", "flowclip-summary"])
+            artifacts(["flowclip-progress", "flowclip-eval", "flowclip-summary", "flowclip-curves"])
         )
     ray.shutdown()
     assert outcome["final"]["step"] == 6 and "eval/top1" in outcome["final"]
@@ -60,3 +60,5 @@ def test_train_clip_flow_trains_exports_and_reports(local_store, tmp_path, monke
     assert found["flowclip-progress"].data == 100.0
     assert "eval/top1" in str(found["flowclip-eval"].data)
     assert "runs/flowclip" in found["flowclip-summary"].data
+    assert found["flowclip-curves"].data.count("](data:image/png;base64,") == 1
+    assert local_store.exists("runs/flowclip/report/curves.png")

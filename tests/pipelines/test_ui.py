@@ -6,16 +6,12 @@ and the stats table. Screenshots go to the test's tmp dir and to state/test-arti
 """
 
 import asyncio
-import shutil
-from pathlib import Path
 
 import pytest
 
 from pipelines.config import BuildConfig
-from tests.pipelines.browser import Browser, chromium_path
+from tests.pipelines.browser import Browser, chromium_path, keep
 from tests.pipelines.conftest import using_api
-
-ARTIFACTS_DIR = Path("state/test-artifacts")
 
 
 def build_config(sample_web, tmp_path) -> BuildConfig:
@@ -48,11 +44,6 @@ async def flow_run_id(name: str):
         return runs[0].id
 
 
-def keep(shot: Path) -> None:
-    ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
-    shutil.copy(shot, ARTIFACTS_DIR / shot.name)
-
-
 @pytest.mark.slow
 def test_the_ui_shows_a_finished_build_with_its_tasks_and_stats(
     prefect_server, sample_web, tmp_path, monkeypatch
@@ -78,3 +69,41 @@ def test_the_ui_shows_a_finished_build_with_its_tasks_and_stats(
         browser.click_text("uitest-crawl-counts")
         browser.wait_for_text("url_policy", "deadline_exceeded", "http_404", "success")
         keep(browser.screenshot(tmp_path / "ui-build-stats-table.png"))
+
+
+@pytest.mark.slow
+def test_the_deployments_page_lists_the_deployments_with_their_schedules(prefect_server, tmp_path):
+    if chromium_path() is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium chromium-driver)")
+    import yaml
+
+    from pipelines.config import load_config
+    from pipelines.deployments import apply_deployments
+    from pipelines.ops_config import ServeConfig
+
+    serve = {
+        "builds": [
+            {
+                "config": "configs/demo.yaml",
+                "overrides": ["name=ui-nightly"],
+                "schedule": {"cron": "0 3 * * *"},
+            }
+        ],
+        "training": [
+            {"model": "clip", "config": "configs/clip-tiny.yaml", "overrides": ["name=ui-clip"]}
+        ],
+    }
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(serve))
+    with using_api(prefect_server.api_url):
+        apply_deployments(load_config(ServeConfig, tmp_path / "serve.yaml"))
+
+    with Browser() as browser:
+        browser.open(f"{prefect_server.ui_url}/deployments")
+        page = browser.wait_for_text("ui-nightly", "build-dataset", "ui-clip", "train-clip")
+        keep(browser.screenshot(tmp_path / "ui-deployments.png"))
+    table = page[page.rindex("Schedules") :]  # the rows, after the header
+    nightly, clip = table.index("ui-nightly"), table.index("ui-clip")
+    rows = {"nightly": table[nightly : clip if clip > nightly else None]}
+    rows["clip"] = table[clip : nightly if nightly > clip else None]
+    assert "At 03:00 AM every day" in rows["nightly"], page  # the cron, on the build's row
+    assert "At 03:00" not in rows["clip"], page  # training on demand: no schedule
