@@ -75,12 +75,24 @@ class S3Settings(pydantic.BaseModel):
     multipart_threshold_mb: int = pydantic.Field(default=64, ge=1)
     multipart_chunk_mb: int = pydantic.Field(default=16, ge=5)
 
+    @pydantic.field_serializer("secret_access_key", when_used="json")
+    def _secret_for_workers(self, secret: pydantic.SecretStr | None, info):
+        """Masked in JSON, except in the copy a run hands its own workers (WITH_SECRETS)."""
+        if secret is not None and info.context and info.context.get("with_secrets"):
+            return secret.get_secret_value()
+        return secret
+
     @pydantic.model_validator(mode="after")
     def _keys_come_in_pairs(self) -> S3Settings:
         # boto3 would fail later with a confusing PartialCredentialsError.
         if (self.access_key_id is None) != (self.secret_access_key is None):
             raise ValueError("set both access_key_id and secret_access_key, or neither")
         return self
+
+
+# `model_dump(mode="json", context=WITH_SECRETS)`: settings for this run's own Ray workers, which
+# need the secret; never for logs, Prefect parameters or a Ray Job's command line.
+WITH_SECRETS = {"with_secrets": True}
 
 
 class StoreError(MmpipeError, RuntimeError):

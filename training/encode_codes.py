@@ -20,6 +20,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from dataprep.ray_session import init_ray
 from dataprep.store import (
+    WITH_SECRETS,
     ObjectStore,
     S3Settings,
     local_copy,
@@ -152,5 +153,5 @@ def encode_dataset(cfg: EncodeConfig) -> list[ShardCodes]:
     task = ray.remote(
         num_cpus=cfg.cpus_per_task, num_gpus=cfg.gpus_per_task, max_retries=cfg.max_retries
     )(_encode_one)
-    cfg_json = cfg.model_dump_json()
+    cfg_json = cfg.model_dump_json(context=WITH_SECRETS)
     return ray.get([task.remote(uri, cfg_json) for uri in shards])

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from dataprep.errors import MmpipeError, debugging
 from dataprep.ray_session import init_ray
 from dataprep.state import state_dir
+from dataprep.store import WITH_SECRETS
 from training.config import TrainConfig
 from training.parallel import (
     DTYPES,
@@ -31,6 +32,7 @@ from training.parallel import (
     make_scheduler,
 )
 from training.registry import get_spec
+from training.shards import resolve_shards
 from training.specs import param_groups
 
 CLIENT_STATE = "mmpipe_state"
@@ -92,9 +94,12 @@ def launch(cfg: TrainConfig, echo_steps: bool = True) -> TrainResult:
         # The env travels with the run too: a Ray started earlier by someone else (the build's
         # embed stage, a user's ray.init) has not got it in its runtime_env.
         train_loop_config={
-            "cfg": cfg.model_dump(mode="json"),
+            "cfg": cfg.model_dump(mode="json", context=WITH_SECRETS),
             "env": worker_env(cfg),
             "echo_steps": echo_steps,
+            # The shard list, resolved once per run here rather than once per rank; a cluster
+            # joined by address may see paths this machine does not, so its ranks resolve.
+            "shards": None if cfg.scale.ray_address else resolve_shards(cfg.data, cfg.store.s3),
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.scale.num_workers,
@@ -194,7 +199,7 @@ def train_worker(config: dict) -> None:
             metrics_rows = [r for r in read_metrics(store, cfg.run_prefix()) if r["step"] <= step]
         local = Path(tempfile.mkdtemp(prefix=f"{cfg.name}-", dir=_work_dir()))
         sink = MetricsSink(store, cfg.run_prefix(), local, metrics_rows, config["echo_steps"])
-    _train(cfg, spec, engine, rank, world, step, sink)
+    _train(cfg, spec, engine, rank, world, step, sink, config.get("shards"))
     if sink is not None:
         sink.close()
 
@@ -228,12 +233,12 @@ def _work_dir() -> Path:
     return path
 
 
-def _train(cfg, spec, engine, rank: int, world: int, step: int, sink) -> None:
+def _train(cfg, spec, engine, rank: int, world: int, step: int, sink, shards=None) -> None:
     import ray.train
 
     dtype = DTYPES[cfg.engine.precision]
     accum = cfg.engine.grad_accum_steps
-    batches = _batches(cfg, spec, rank, world, step)
+    batches = _batches(cfg, spec, rank, world, step, shards)
     window = _Window(engine.device)
     while step < cfg.steps:
         for _ in range(accum):
@@ -298,9 +303,9 @@ class _Window:
         return metrics
 
 
-def _batches(cfg, spec, rank: int, world: int, step: int):
+def _batches(cfg, spec, rank: int, world: int, step: int, shards=None):
     """Micro-batches forever, epoch after epoch, starting where `step` left off."""
-    loader = spec.train_loader(cfg, rank, world)
+    loader = spec.train_loader(cfg, rank, world, shards)
     epoch, skip = divmod(step * cfg.engine.grad_accum_steps, loader.steps_per_epoch)
     while True:
         loader.set_epoch(epoch, skip_batches=skip)  # replays the epoch's stream, no decoding

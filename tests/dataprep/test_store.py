@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 import pytest
 
 from dataprep.store import (
+    WITH_SECRETS,
     LocalStore,
     ObjectNotFound,
     ObjectStore,
@@ -651,6 +652,17 @@ def test_s3_settings_keep_the_secret_secret() -> None:
         S3Settings(endpoint="http://x")  # type: ignore[call-arg]
     with pytest.raises(ValueError, match="both"):
         S3Settings(access_key_id="AKIA")
+
+
+def test_s3_settings_for_a_runs_own_workers_keep_the_secret() -> None:
+    settings = S3Settings(access_key_id="AKIA", secret_access_key="hunter2")
+    masked = S3Settings.model_validate_json(settings.model_dump_json())
+    assert masked.secret_access_key.get_secret_value() != "hunter2"  # logs, Prefect parameters
+    for copy in (
+        S3Settings.model_validate_json(settings.model_dump_json(context=WITH_SECRETS)),
+        S3Settings.model_validate(settings.model_dump(mode="json", context=WITH_SECRETS)),
+    ):
+        assert copy.secret_access_key.get_secret_value() == "hunter2"
 
 
 def test_arrow_filesystem_sees_the_same_objects(store):

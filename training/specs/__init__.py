@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dataprep.store import S3Settings
+from dataprep.store import WITH_SECRETS, S3Settings
 from training.config import DataConfig, TrainConfig
 from training.data import (
     Decode,
@@ -51,12 +51,18 @@ class ModelSpec(abc.ABC):
         """A raw sample -> its named tensors: by default ``{"image": transform(image)}``."""
         return DecodeImage(self.transform(cfg))
 
-    def train_loader(self, cfg: TrainConfig, rank: int, world_size: int) -> TrainLoader:
+    def train_loader(
+        self, cfg: TrainConfig, rank: int, world_size: int, shards: list[ShardInfo] | None = None
+    ) -> TrainLoader:
         """Batches of one epoch with `.steps_per_epoch` (equal on every rank) and
-        `.set_epoch(epoch, skip_batches)`, built from the hooks above."""
+        `.set_epoch(epoch, skip_batches)`, built from the hooks above; `shards`: the list the
+        driver resolved (else this worker resolves it)."""
+        if shards is None:
+            s3_json = cfg.store.s3.model_dump_json(context=WITH_SECRETS)
+            shards = _shards(cfg.data.model_dump_json(), s3_json)
         return make_train_loader(
             cfg.data,
-            _shards(cfg.data.model_dump_json(), cfg.store.s3.model_dump_json()),
+            shards,
             rank=rank,
             world_size=world_size,
             batch_size=cfg.engine.micro_batch_size,

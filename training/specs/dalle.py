@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dataprep.store import S3Settings, local_copy, require_file
+from dataprep.store import WITH_SECRETS, S3Settings, local_copy, require_file
 from training.codes import ReadCodes, check_codes
 from training.config import TrainConfig
 from training.data import Decode, ImageTransform, Tokenize
@@ -96,7 +96,7 @@ class DalleSpec(ModelSpec):
     def dvae(self, cfg: TrainConfig) -> DVAE:
         if cfg.dvae_checkpoint is None:
             raise ValueError("spec 'dalle' needs dvae_checkpoint")
-        dvae = frozen_dvae(cfg.dvae_checkpoint, cfg.store.s3.model_dump_json())
+        dvae = frozen_dvae(cfg.dvae_checkpoint, cfg.store.s3.model_dump_json(context=WITH_SECRETS))
         check_compatible(model_config(cfg), dvae)
         return dvae
 
