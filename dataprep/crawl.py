@@ -32,7 +32,7 @@ from pydantic import BaseModel
 
 from dataprep.crawl_status import KEPT, MISSING, CrawlSummary, ShardStats, reason_for
 from dataprep.errors import MmpipeError
-from dataprep.ray_stages import map_shards, this_node
+from dataprep.ray_stages import run_shards, this_node
 from dataprep.stage_config import ClusterConfig, CrawlConfig
 from dataprep.store import ObjectNotFound, ObjectStore, S3Settings
 from dataprep.url_list import iter_url_parts, shard_slices, slice_digest
@@ -165,19 +165,16 @@ def crawl_shards(
     Returns stats per shard. (``work_root`` is unused: each task works in a temporary folder of
     its own node.)"""
     done = {s: st for s in shards if (st := load_shard_stats(store, prefix, s)) is not None}
-    todo = [s for s in shards if s not in done]
-    for stats in map_shards(
+    return run_shards(
         crawl_shard,
-        todo,
+        shards,
+        done,
         (plan, store, prefix, cfg),
+        on_shard,
         ray_address=cluster.ray_address,
         num_cpus=cluster.crawl_cpus,
         max_retries=cfg.max_shard_retry,
-    ):
-        done[stats.shard] = stats
-        if on_shard is not None:
-            on_shard(stats)
-    return [done[s] for s in shards]
+    )
 
 
 def crawl_shard(

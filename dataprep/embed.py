@@ -32,7 +32,7 @@ from PIL import Image
 
 from dataprep.filters import STAGE as FILTER
 from dataprep.ray_session import init_ray
-from dataprep.ray_stages import map_shards
+from dataprep.ray_stages import map_shards, run_shards
 from dataprep.stage_config import ClusterConfig, EmbedConfig, ScoreConfig
 from dataprep.stages import KEPT, StageError, StageStats, Staging, fingerprint
 from dataprep.store import (
@@ -468,19 +468,17 @@ def score_shards(
     threshold = resolve_threshold(staging, shards, cfg, calibrated, cluster)
     fp = score_fingerprint(embed_fp, threshold)
     done = {s: st for s in shards if (st := staging.stats(SCORE, s, fp)) is not None}
-    todo = [s for s in shards if s not in done]
-    for stats in map_shards(
+    stats = run_shards(
         _score_one,
-        todo,
+        shards,
+        done,
         (staging, threshold, fp),
+        on_shard,
         ray_address=cluster.ray_address,
         num_cpus=cluster.score_cpus,
         max_retries=cluster.max_retries,
-    ):
-        done[stats.shard] = stats
-        if on_shard is not None:
-            on_shard(stats)
-    return threshold, [done[s] for s in shards]
+    )
+    return threshold, stats
 
 
 def _score_one(shard: int, staging: Staging, threshold: float, fp: str) -> StageStats:

@@ -21,7 +21,7 @@ import pyarrow as pa
 from PIL import Image
 
 from dataprep.phash import colour_signature, content_box, phash, to_signed
-from dataprep.ray_stages import map_shards
+from dataprep.ray_stages import run_shards
 from dataprep.stage_config import ClusterConfig, FilterConfig
 from dataprep.stages import KEPT, StageStats, Staging, fingerprint
 
@@ -155,20 +155,16 @@ def filter_shards(
     """Filter every shard not yet committed, one Ray task per shard; stats in shard order."""
     fp = filter_fingerprint(staging, cfg)
     done = {s: st for s in shards if (st := staging.stats(STAGE, s, fp)) is not None}
-    todo = [s for s in shards if s not in done]
-    args = (staging, cfg, fp)
-    for stats in map_shards(
+    return run_shards(
         _filter_one,
-        todo,
-        args,
+        shards,
+        done,
+        (staging, cfg, fp),
+        on_shard,
         ray_address=cluster.ray_address,
         num_cpus=cluster.filter_cpus,
         max_retries=cluster.max_retries,
-    ):
-        done[stats.shard] = stats
-        if on_shard is not None:
-            on_shard(stats)
-    return [done[s] for s in shards]
+    )
 
 
 def _filter_one(shard: int, staging: Staging, cfg: FilterConfig, fp: str) -> StageStats:

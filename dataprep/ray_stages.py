@@ -72,3 +72,21 @@ def map_shards(
     finally:
         for ref in pending:
             ray.cancel(ref)
+
+
+def run_shards(
+    fn: Callable[..., T],
+    shards: list[int],
+    done: dict[int, T],
+    args: tuple = (),
+    on_shard: Callable[[T], None] | None = None,
+    **options: Any,
+) -> list[T]:
+    """`map_shards` over the shards not in `done` (those already committed), each result
+    recorded there and reported to `on_shard`; every shard's result, in shard order."""
+    todo = [s for s in shards if s not in done]
+    for result in map_shards(fn, todo, args, **options):
+        done[result.shard] = result
+        if on_shard is not None:
+            on_shard(result)
+    return [done[s] for s in shards]

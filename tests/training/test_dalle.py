@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.training.test_dvae import tiny_config, write_shards
+from tests.training.two_ranks import on_two_ranks
 from training.engine import launch
 from training.export import export_run
 from training.models.attention import layer_kinds
@@ -245,27 +246,10 @@ def dalle_eval(dvae_checkpoint: str) -> dict:
         return spec.evaluate(model, cfg, torch.float32)
 
 
-def _dalle_eval_worker(rank: int, init_file: str, dvae_checkpoint: str, results: dict) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        results[rank] = dalle_eval(dvae_checkpoint)
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_evaluation_sharded_over_ranks_equals_one_rank(dvae_checkpoint, tmp_path):
-    import torch.multiprocessing as mp
-
     alone = dalle_eval(dvae_checkpoint)
-    with mp.Manager() as manager:
-        results = manager.dict()
-        args = (str(tmp_path / "init"), dvae_checkpoint, results)
-        mp.spawn(_dalle_eval_worker, args=args, nprocs=2, join=True)
-        results = dict(results)
+    results = on_two_ranks(dalle_eval, dvae_checkpoint, tmp_path=tmp_path)
     for rank in (0, 1):
         assert results[rank].keys() == alone.keys()
         for name, value in alone.items():

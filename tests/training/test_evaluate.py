@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from dataprep.sampleweb.corpus import COLOURS, SHAPES, generate_corpus, render_image
+from tests.training.two_ranks import on_two_ranks
 from training.evaluate import (
     HELDOUT_SEED,
     crawl_border_resize,
@@ -215,28 +216,11 @@ def run_evaluations(source: str) -> tuple[list[dict], int]:
     return results, sum(seen)
 
 
-def _eval_worker(rank: int, init_file: str, source: str, results: dict) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        results[rank] = run_evaluations(source)
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_evaluation_is_sharded_over_ranks_and_names_its_set(tmp_path):
-    import torch.multiprocessing as mp
-
     source = write_heldout_shard(tmp_path / "heldout")
     alone, seen_alone = run_evaluations(source)
-    with mp.Manager() as manager:
-        results = manager.dict()
-        args = (str(tmp_path / "init"), source, results)
-        mp.spawn(_eval_worker, args=args, nprocs=2, join=True)
-        results = dict(results)
+    results = on_two_ranks(run_evaluations, source, tmp_path=tmp_path)
     sampleweb, shards = alone
     assert {"eval/top1", "eval/image_to_text_R@1"} <= set(sampleweb) & set(shards)
     assert sampleweb != shards  # two different sets
