@@ -68,8 +68,8 @@ class WorkerPeak(threading.Thread):
                     cpu = sum(p.cpu_times()[:2])
                     self.first.setdefault(p.pid, cpu if initial else 0.0)
                     self.last[p.pid] = cpu
-            except Exception:  # noqa: BLE001 - processes come and go
-                pass
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue  # processes come and go
 
     def run(self) -> None:
         while not self.stop.wait(0.2):

@@ -49,6 +49,28 @@ def mmpipe(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.
     )
 
 
+def small_build(name: str, sample_web, store_url: str, scorer, **crawl) -> dict:
+    """A build config of the sample web with small images and shards (`crawl` overrides)."""
+    return {
+        "name": name,
+        "urls": sample_web.urls,
+        "store": {"url": store_url},
+        "crawl": {
+            "image_size": 64,
+            "samples_per_shard": 60,
+            "threads": 16,
+            "deadline_s": 2,
+            "min_image_size": 16,
+            "max_aspect_ratio": 4,
+            "policy": {"allow": sample_web.allow()},
+            **crawl,
+        },
+        "filter": {"min_image_side": 16, "max_aspect_ratio": 4},
+        "embed": {"model": scorer.recipe.model, "weights": scorer.weights},
+        "publish": {"samples_per_shard": 50},
+    }
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

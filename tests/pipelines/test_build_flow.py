@@ -18,6 +18,7 @@ from pipelines.config import BuildConfig
 from pipelines.events import DATASET_PUBLISHED, dataset_resource_id
 from pipelines.flows import run_build
 from tests.dataprep.test_publish import flip_a_byte
+from tests.pipelines.conftest import small_build
 
 NAME = "flowpub"
 STAGES = ("filter", "embed", "score", "dedup")
@@ -68,24 +69,7 @@ def test_build_dataset_flow_publishes_and_reports(
     monkeypatch.setenv("MMPIPE_STATE_DIR", str(tmp_path / "state"))
     store_url = f"file://{tmp_path / 'store'}"
     config = BuildConfig.model_validate(
-        {
-            "name": NAME,
-            "urls": sample_web.urls,
-            "store": {"url": store_url},
-            "crawl": {
-                "image_size": 64,
-                "samples_per_shard": 60,
-                "shards_per_task": 2,
-                "threads": 16,
-                "deadline_s": 2,
-                "min_image_size": 16,
-                "max_aspect_ratio": 4,
-                "policy": {"allow": sample_web.allow()},
-            },
-            "filter": {"min_image_side": 16, "max_aspect_ratio": 4},
-            "embed": {"model": clip_scorer.recipe.model, "weights": clip_scorer.weights},
-            "publish": {"samples_per_shard": 50},
-        }
+        small_build(NAME, sample_web, store_url, clip_scorer, shards_per_task=2)
     )
     result = run_build(config)
     manifest = read_manifest(config.store.open(), NAME)

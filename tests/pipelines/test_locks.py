@@ -24,7 +24,7 @@ from prefect.testing.utilities import prefect_test_harness
 from dataprep.publish import list_datasets, read_manifest
 from dataprep.store import open_store
 from pipelines.locks import Holder, LockLost, acquire, dataset_build_lock, lock_name
-from tests.pipelines.conftest import using_api
+from tests.pipelines.conftest import small_build, using_api
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -172,26 +172,11 @@ LEASE_S = 20  # the builds' lock_lease_s: short, so a wait for it would show in 
 
 
 def write_config(path: Path, sample_web, scorer, store: Path) -> Path:
-    config = {
-        "name": NAME,
-        "urls": sample_web.urls,
-        "store": {"url": f"file://{store}"},
-        "lock_lease_s": LEASE_S,
-        "crawl": {
-            "image_size": 64,
-            "samples_per_shard": 60,
-            "shards_per_task": 1,  # shards commit one by one: a kill lands between them
-            "processes": 1,
-            "threads": 16,
-            "deadline_s": 2,
-            "min_image_size": 16,
-            "max_aspect_ratio": 4,
-            "policy": {"allow": sample_web.allow()},
-        },
-        "filter": {"min_image_side": 16, "max_aspect_ratio": 4},
-        "embed": {"model": scorer.recipe.model, "weights": scorer.weights},
-        "publish": {"samples_per_shard": 50},
-    }
+    # shards commit one by one: a kill lands between them
+    config = small_build(
+        NAME, sample_web, f"file://{store}", scorer, shards_per_task=1, processes=1
+    )
+    config["lock_lease_s"] = LEASE_S
     path.write_text(yaml.safe_dump(config))
     return path
 
